@@ -1,0 +1,628 @@
+"""Train and test the CIFAR-10 residual and plain nets of He et al. 2015, Section 4.2.
+
+    python run.py 3 train            # ResNet-20 with the paper's recipe, in logs/resnet20/
+    python run.py 3 test             # its test error, per-class errors and layer responses
+    python run.py 9 train --plain    # plain-56
+
+N is the number of blocks per stage (depth 6N+2). Running the same command again resumes the run
+from its checkpoint. Everything else is a flag; the defaults are the paper's.
+"""
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cifar_binary
+from resnet import LayerResponses, ResNet, count_parameters
+
+# The paper's recipe, Section 4.2 (and 3.4), in one place.
+PAPER = dict(
+    lr=0.1,                     # "We start with a learning rate of 0.1,
+    milestones=(32_000, 48_000),  # divide it by 10 at 32k and 48k iterations,
+    iters=64_000,               # and terminate training at 64k iterations"
+    batch_size=128,             # "mini-batch size of 128"
+    weight_decay=1e-4,          # "weight decay of 0.0001
+    momentum=0.9,               # and momentum of 0.9"
+    warmup_lr=0.01,             # ResNet-110: "use 0.01 to warm up the training
+    warmup_until_error=80.0,    # until the training error is below 80% (about 400 iterations)"
+    warmup_min_n=18,            # warm-up by default from ResNet-110 (n=18) on
+)
+WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
+CHECKPOINT_FORMAT = 1
+# Settings that define the experiment: a resume must not change them.
+EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
+                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp")
+
+
+class RunError(Exception):
+    """A failure the user can act on; main() prints it as one line and exits 1."""
+
+
+# ---------------------------------------------------------------- command line
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def positive_int(text):
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1, got 0")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train or test the CIFAR-10 ResNets and plain nets of He et al. 2015 (Sec. 4.2).")
+    p.add_argument("n", type=positive_int, metavar="N", help="blocks per stage; depth is 6N+2 "
+                   "(3: 20 layers, 5: 32, 7: 44, 9: 56, 18: 110, 200: 1202)")
+    p.add_argument("mode", choices=("train", "test"))
+    net = p.add_argument_group("network")
+    net.add_argument("--plain", action="store_true", help="no shortcuts (the paper's plain nets)")
+    net.add_argument("--shortcut", choices=("A", "B"), default="A",
+                     help="A: zero-padding identity (paper's CIFAR choice); B: projection")
+    rec = p.add_argument_group("recipe (defaults are the paper's)")
+    rec.add_argument("--iters", type=positive_int, default=PAPER["iters"])
+    rec.add_argument("--milestones", type=positive_int, nargs="+", default=None,
+                     help="iterations at which the lr is divided by 10 (default: 32000 48000, "
+                          "or 1/2 and 3/4 of --iters when --iters is given)")
+    rec.add_argument("--lr", type=positive_float, default=PAPER["lr"])
+    rec.add_argument("--batch-size", type=positive_int, default=PAPER["batch_size"])
+    rec.add_argument("--weight-decay", type=non_negative_float, default=PAPER["weight_decay"])
+    rec.add_argument("--momentum", type=non_negative_float, default=PAPER["momentum"])
+    rec.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
+                     help=f"lr {PAPER['warmup_lr']} until training error < "
+                          f"{PAPER['warmup_until_error']:.0f}%%; auto: for N >= {PAPER['warmup_min_n']}")
+    rec.add_argument("--seed", type=non_negative_int, default=0)
+    rec.add_argument("--val-size", type=non_negative_int, default=0,
+                     help="hold out the last K training images (paper's analysis: 5000)")
+    rec.add_argument("--amp", choices=("none", "bf16"), default="none",
+                     help="bf16 autocast with float32 weights and BN statistics")
+    data = p.add_argument_group("data and run folder")
+    data.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR") or
+                      os.path.join("data", "cifar-10-batches-bin"),
+                      help="folder of the binary batches (default: $CIFAR10_DIR, else %(default)s)")
+    data.add_argument("--download", action="store_true", help="fetch the official archive first")
+    data.add_argument("--logdir", default="logs")
+    data.add_argument("--name", default=None, help="run folder name (default: from the config)")
+    data.add_argument("--fresh", action="store_true",
+                      help="start over; an existing run folder is moved to <logdir>/.replaced/")
+    data.add_argument("--checkpoint", default=None, help="test: evaluate this checkpoint file")
+    ops = p.add_argument_group("monitoring and machine")
+    ops.add_argument("--eval-every", type=positive_int, default=1000,
+                     help="evaluate on the test set every K iterations")
+    ops.add_argument("--ckpt-every", type=positive_int, default=1000)
+    ops.add_argument("--log-every", type=positive_int, default=100,
+                     help="window of the running train error/loss, in iterations")
+    ops.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
+    ops.add_argument("--threads", type=positive_int, default=None,
+                     help="CPU threads (default: all cores)")
+    ops.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.milestones is None:
+        args.milestones = default_milestones(args.iters)
+    if any(b <= a for a, b in zip(args.milestones, args.milestones[1:])):
+        parser.error(f"--milestones must be strictly increasing, got {args.milestones}")
+    if args.milestones[-1] >= args.iters:
+        parser.error(f"--milestones must be below --iters {args.iters}, got {args.milestones}")
+    if args.val_size >= 50_000:
+        parser.error(f"--val-size must leave training images (below 50000), got {args.val_size}")
+    if args.name is not None and (not args.name or os.sep in args.name or args.name.startswith(".")):
+        parser.error(f"--name must be a plain folder name, got {args.name!r}")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.name = args.name or default_name(args)
+    return args
+
+
+def default_name(args):
+    """e.g. resnet56, plain20, resnet20-B, resnet110-seed3: every departure from the paper's
+    recipe shows in the name, so different configurations never share a folder."""
+    parts = [f"{'plain' if args.plain else 'resnet'}{6 * args.n + 2}"]
+    if args.shortcut != "A" and not args.plain:
+        parts.append(args.shortcut)
+    if args.amp != "none":
+        parts.append(args.amp)
+    if args.iters != PAPER["iters"]:
+        parts.append(f"iters{args.iters}")
+    if args.milestones != default_milestones(args.iters):
+        parts.append("ms" + "-".join(map(str, args.milestones)))
+    for key, label in (("lr", "lr"), ("batch_size", "bs"), ("weight_decay", "wd"),
+                       ("momentum", "mom")):
+        if getattr(args, key) != PAPER[key]:
+            parts.append(f"{label}{getattr(args, key):g}")
+    if args.warmup != "auto":
+        parts.append(f"warmup-{args.warmup}")
+    if args.val_size:
+        parts.append(f"val{args.val_size}")
+    if args.seed:
+        parts.append(f"seed{args.seed}")
+    return "-".join(parts)
+
+
+def default_milestones(iters):
+    """The paper's 32k/48k, or the same fractions (1/2, 3/4) of a shorter or longer schedule."""
+    return list(PAPER["milestones"]) if iters == PAPER["iters"] else [iters // 2, iters * 3 // 4]
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+def uses_warmup(config):
+    return config["warmup"] == "on" or (config["warmup"] == "auto"
+                                        and config["n"] >= PAPER["warmup_min_n"])
+
+
+def lr_at(iteration, base_lr, milestones, warming_up=False):
+    """The learning rate of iteration `iteration` (0-based): /10 at each milestone reached."""
+    if warming_up:
+        return PAPER["warmup_lr"]
+    return base_lr * 0.1 ** sum(iteration >= m for m in milestones)
+
+
+def derived_seed(*keys):
+    """A 63-bit seed from the run's seed and a purpose, stable across processes and machines."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+class BatchOrder:
+    """Training-set indices of every batch: epochs are fresh permutations drawn from
+    (seed, epoch), concatenated into one stream that batches cut without dropping any image.
+    A pure function of (seed, iteration), so a resumed run sees the same batches."""
+
+    def __init__(self, seed, size, batch_size, device):
+        self.seed, self.size, self.batch_size, self.device = seed, size, batch_size, device
+        self.epoch, self.permutation = None, None
+
+    def _permutation(self, epoch):
+        if epoch != self.epoch:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
+            self.epoch = epoch
+            self.permutation = torch.randperm(self.size, generator=generator).to(self.device)
+        return self.permutation
+
+    def __call__(self, iteration):
+        start = iteration * self.batch_size
+        first_epoch, last_epoch = divmod(start, self.size)[0], (start + self.batch_size - 1) // self.size
+        pieces = []
+        for epoch in range(first_epoch, last_epoch + 1):
+            lo = max(start - epoch * self.size, 0)
+            hi = min(start + self.batch_size - epoch * self.size, self.size)
+            pieces.append(self._permutation(epoch)[lo:hi])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def epoch_of(self, iteration):
+        return iteration * self.batch_size / self.size
+
+
+# ---------------------------------------------------------------- evaluation
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, mean, amp, batch_size=1000):
+    """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros(10, dtype=torch.int64, device=device)
+    for start in range(0, len(images), batch_size):
+        x = cifar_binary.normalize(images[start:start + batch_size], mean)
+        y = labels[start:start + batch_size]
+        with autocast(device, amp):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        wrong += torch.bincount(y[logits.argmax(1) != y], minlength=10)
+    model.train(was_training)
+    per_class = torch.bincount(labels, minlength=10)
+    return {"error": 100.0 * wrong.sum().item() / len(images),
+            "loss": loss_sum.item() / len(images),
+            "per_class_error": (100.0 * wrong / per_class.clamp_min(1)).tolist()}
+
+
+# ---------------------------------------------------------------- files
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def atomic_write(path, write):
+    """Write via a temporary file in the same folder, fsync, then os.replace: a crash at any
+    moment leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def save_checkpoint(path, state):
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise RunError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous "
+                       "checkpoint is intact") from None
+
+
+def load_checkpoint(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no checkpoint there") from None
+    except Exception as e:  # torch raises many types for damaged or foreign files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: not a readable checkpoint of this project ({reason}); move it "
+                       "away, or pass --fresh to start the run over") from None
+    if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+            and {"model", "config", "iteration", "per_pixel_mean"} <= state.keys()):
+        raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
+                       "model/config/iteration); pass --fresh to start the run over")
+    return state
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+@contextlib.contextmanager
+def run_folder(logdir, name, fresh):
+    """Create <logdir>/<name> and hold its lock for the whole run: a second process on the
+    same folder is refused instead of interleaving checkpoints."""
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise RunError(f"--logdir {logdir}: is a file, expected a folder")
+    folder = os.path.join(logdir, name)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:
+        raise RunError(f"--logdir {logdir}: cannot create run folder {folder} ({e.strerror})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise RunError(f"{folder}: in use by another process (pid {lock.read().strip() or '?'}); "
+                           "one run per folder") from None
+        if fresh and len(os.listdir(folder)) > 1:
+            replaced = os.path.join(logdir, ".replaced", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(os.path.dirname(replaced), exist_ok=True)
+            os.replace(folder, replaced)
+            print(f"--fresh: moved the previous run to {replaced}")
+            with run_folder(logdir, name, fresh=False) as new_folder:
+                yield new_folder
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield folder
+
+
+# ---------------------------------------------------------------- setup shared by train and test
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup_machine(args):
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def load_data(args, split):
+    if args.download:
+        cifar_binary.download(args.data_dir)
+    return cifar_binary.load_split(args.data_dir, split)
+
+
+def build_model(config, device):
+    model = ResNet(config["n"], plain=config["plain"], shortcut=config["shortcut"])
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def describe(config):
+    net = f"{'plain' if config['plain'] else 'ResNet'}-{6 * config['n'] + 2}"
+    return net if config["plain"] else f"{net} (option {config['shortcut']})"
+
+
+# ---------------------------------------------------------------- train
+
+def train(args):
+    device = setup_machine(args)
+    config = {key: getattr(args, key) for key in EXPERIMENT_KEYS}
+    images, labels = load_data(args, "train")
+    test_images, test_labels = load_data(args, "test")
+    (images, labels), (val_images, val_labels) = cifar_binary.train_val_split(
+        images, labels, args.val_size)
+    mean = cifar_binary.per_pixel_mean(images)  # of the training images in use
+
+    with run_folder(args.logdir, args.name, args.fresh) as folder:
+        checkpoint_path = os.path.join(folder, "checkpoint.pt")
+        state = load_checkpoint(checkpoint_path) if os.path.exists(checkpoint_path) else None
+        if state is not None:
+            changed = {k: (state["config"].get(k), v) for k, v in config.items()
+                       if state["config"].get(k) != v}
+            if changed:
+                diff = ", ".join(f"{k}: run has {old}, command has {new}"
+                                 for k, (old, new) in changed.items())
+                raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
+                               "use another --name, or --fresh to start over")
+            if state["iteration"] >= config["iters"] and os.path.exists(
+                    os.path.join(folder, "result.json")):
+                print(f"{folder}: already finished ({state['iteration']} iterations); "
+                      f"--fresh starts it over")
+                return 0
+            mean = state["per_pixel_mean"]
+            print(f"resuming from iteration {state['iteration']}")
+
+        torch.manual_seed(config["seed"])
+        model = build_model(config, device)
+        params = count_parameters(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"],
+                                    momentum=config["momentum"],
+                                    weight_decay=config["weight_decay"], foreach=True)
+        iteration, warmup_end, train_seconds = 0, None, 0.0
+        window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            iteration, warmup_end = state["iteration"], state["warmup_end"]
+            train_seconds = state["train_seconds"]
+            window = state["window"].to(device)
+            torch.set_rng_state(state["rng"]["torch"])
+
+        run_info = {**config, "depth": 6 * config["n"] + 2, "params": params,
+                    "name": args.name, "data_dir": os.path.abspath(args.data_dir),
+                    "train_images": len(images), "eval_every": args.eval_every,
+                    "ckpt_every": args.ckpt_every, "log_every": args.log_every,
+                    "compile": args.compile}
+        machine = {"device": str(device), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "git_commit": git_commit(),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": iteration}
+        config_path = os.path.join(folder, "config.json")
+        if state is None or not os.path.exists(config_path):
+            write_json(config_path, {**run_info, "start": machine, "resumes": []})
+        else:
+            with open(config_path) as f:
+                saved = json.load(f)
+            saved["resumes"].append(machine)
+            write_json(config_path, saved)
+        print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
+              f"({len(val_images):,} held out), {device}, {torch.get_num_threads()} threads")
+        print(json.dumps(run_info, separators=(", ", ": ")))
+        print(f"run folder: {folder}  (tensorboard --logdir={args.logdir})")
+
+        images, labels = images.to(device), labels.to(device)
+        test_images, test_labels = test_images.to(device), test_labels.to(device)
+        val_images, val_labels = val_images.to(device), val_labels.to(device)
+        mean = mean.to(device)
+        step_model = torch.compile(model) if args.compile else model
+        order = BatchOrder(config["seed"], len(images), config["batch_size"], device)
+        augment_generator = torch.Generator(device=device)
+        warming_up = uses_warmup(config) and warmup_end is None
+
+        def checkpoint():
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise RunError(f"non-finite weights at iteration {iteration}; the last good "
+                               f"checkpoint {checkpoint_path} is kept")
+            save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "iteration": iteration,
+                "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
+                "window": window.cpu(), "train_seconds": train_seconds,
+                "rng": {"torch": torch.get_rng_state()}})
+
+        def run_evaluation():
+            results = {"test": evaluate(step_model, test_images, test_labels, mean, config["amp"])}
+            if len(val_images):
+                results["val"] = evaluate(step_model, val_images, val_labels, mean, config["amp"])
+            for split, r in results.items():
+                writer.add_scalar(f"{split}/error", r["error"], iteration)
+                writer.add_scalar(f"{split}/loss", r["loss"], iteration)
+            return results
+
+        stop = []
+        def on_signal(signum, frame):
+            stop.append(signum)
+        previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
+        from tqdm import tqdm
+        writer = SummaryWriter(folder, purge_step=iteration if iteration else None, flush_secs=30)
+        bar = tqdm(total=config["iters"], initial=iteration, dynamic_ncols=True, smoothing=0.05,
+                   disable=None)
+        window_start = time.perf_counter()
+        try:
+            while iteration < config["iters"] and not stop:
+                lr = lr_at(iteration, config["lr"], config["milestones"], warming_up)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = order(iteration)
+                augment_generator.manual_seed(derived_seed(config["seed"], "augment", iteration))
+                x = cifar_binary.normalize(cifar_binary.augment(images[batch], augment_generator),
+                                           mean).contiguous(memory_format=torch.channels_last)
+                y = labels[batch]
+                with autocast(device, config["amp"]):
+                    logits = step_model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                bar.update(1)
+                with torch.no_grad():
+                    window += torch.stack([loss.detach().double() * len(y),
+                                           (logits.argmax(1) != y).sum().double(),
+                                           torch.tensor(len(y), dtype=torch.float64, device=device)])
+
+                if iteration % args.log_every == 0 or iteration == config["iters"]:
+                    loss_sum, wrong, count = window.tolist()  # the only sync of a window
+                    elapsed = time.perf_counter() - window_start
+                    train_seconds += elapsed
+                    if not math.isfinite(loss_sum):
+                        raise RunError(f"training loss is not finite in the window ending at "
+                                       f"iteration {iteration} (lr {lr:g}); the last good checkpoint "
+                                       f"{checkpoint_path} is kept")
+                    train_error = 100.0 * wrong / count
+                    speed = count / elapsed if elapsed > 0 else 0.0
+                    writer.add_scalar("train/loss", loss_sum / count, iteration)
+                    writer.add_scalar("train/error", train_error, iteration)
+                    writer.add_scalar("lr", lr, iteration)
+                    writer.add_scalar("speed/images_per_second", speed, iteration)
+                    bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
+                                    lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
+                    window.zero_()
+                    if warming_up and (train_error < PAPER["warmup_until_error"]
+                                       or iteration >= WARMUP_MAX_ITERS):
+                        warming_up, warmup_end = False, iteration
+                        writer.add_scalar("warmup/ended_at", iteration, iteration)
+                        bar.write(f"warm-up ended at iteration {iteration} "
+                                  f"(train error {train_error:.1f}%)")
+                    window_start = time.perf_counter()
+                if iteration % args.eval_every == 0 and iteration < config["iters"]:
+                    results = run_evaluation()
+                    bar.write(f"iter {iteration}: test error {results['test']['error']:.2f}%"
+                              + (f", val error {results['val']['error']:.2f}%" if "val" in results
+                                 else "") + f", epoch {order.epoch_of(iteration):.1f}")
+                    window_start = time.perf_counter()
+                if iteration % args.ckpt_every == 0 or stop or iteration == config["iters"]:
+                    checkpoint()
+                    window_start = time.perf_counter()
+        finally:
+            bar.close()
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
+        if stop:
+            writer.close()
+            print(f"stopped by signal {stop[0]} at iteration {iteration}; checkpoint written, "
+                  "run the same command to resume", file=sys.stderr)
+            return 128 + stop[0]
+
+        results = run_evaluation()
+        writer.close()
+        result = {"test_error": results["test"]["error"], "test_loss": results["test"]["loss"],
+                  **({"val_error": results["val"]["error"]} if "val" in results else {}),
+                  "iterations": iteration, "depth": 6 * config["n"] + 2, "params": params,
+                  "plain": config["plain"], "shortcut": config["shortcut"],
+                  "seed": config["seed"], "amp": config["amp"], "warmup_end": warmup_end,
+                  "train_seconds": round(train_seconds, 1),
+                  "images_per_second": round(iteration * config["batch_size"] / train_seconds, 1)
+                  if train_seconds else None}
+        write_json(os.path.join(folder, "result.json"), result)
+        print(f"{describe(config)} after {iteration} iterations: "
+              f"test error {result['test_error']:.2f}%")
+    return 0
+
+
+# ---------------------------------------------------------------- test
+
+def test(args):
+    device = setup_machine(args)
+    path = args.checkpoint or os.path.join(args.logdir, args.name, "checkpoint.pt")
+    state = load_checkpoint(path)
+    config = state["config"]
+    asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut}
+    if any(config[k] != v for k, v in asked.items()):
+        raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
+                       f"{describe(asked)}; pass the matching N/--plain/--shortcut")
+    model = build_model(config, device)
+    model.load_state_dict(state["model"])
+    images, labels = load_data(args, "test")
+    images, labels = images.to(device), labels.to(device)
+    with LayerResponses(model) as responses:
+        result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
+    report = {"test_error": result["error"], "test_loss": result["loss"],
+              "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
+              "iteration": state["iteration"], "params": count_parameters(model),
+              "depth": 6 * config["n"] + 2, "plain": config["plain"],
+              "shortcut": config["shortcut"], "checkpoint": os.path.abspath(path),
+              "layer_responses": responses.std()}
+    print(f"{describe(config)}, iteration {state['iteration']}: test error "
+          f"{result['error']:.2f}% ({len(images):,} images)")
+    for name, error in report["per_class_error"].items():
+        print(f"  {name:<10} {error:5.1f}%")
+    out = os.path.join(os.path.dirname(os.path.abspath(path)), "test.json")
+    write_json(out, report)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args) if args.mode == "train" else test(args)
+    except (RunError, cifar_binary.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
