@@ -8,10 +8,12 @@ Also here: the official archive's download, the per-pixel mean, and the paper's 
 ("4 pixels are padded on each side, and a 32x32 crop is randomly sampled from the padded image
 or its horizontal flip") as batched tensor code on any device.
 """
+import http.client
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 
 import numpy as np
 import torch
@@ -70,18 +72,28 @@ def load_split(root, split):
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def _present(root):
+    """All six batch files exist with the official size."""
+    paths = [os.path.join(root, name) for files in SPLIT_FILES.values() for name in files]
+    return all(os.path.isfile(p) and os.path.getsize(p) == RECORDS_PER_FILE * RECORD_BYTES
+               for p in paths)
+
+
 def download(root, url=URL, md5=MD5):
     """Fetch the official archive into `root`'s parent folder, check its md5, and extract the
     six batch files (and batches.meta.txt) into `root`, which appears only once complete."""
     from torchvision.datasets.utils import check_integrity, download_url  # only needed here
 
     root = os.path.abspath(root)
+    if _present(root):
+        return  # already there; load_split still validates every byte
     parent = os.path.dirname(root)
     archive = os.path.join(parent, os.path.basename(url))
     os.makedirs(parent, exist_ok=True)
     try:  # skips an archive that is already there with the right md5
         download_url(url, parent, os.path.basename(url), md5)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
+    except (OSError, RuntimeError, http.client.HTTPException) as e:  # URLError is an OSError;
+        # HTTPException: e.g. IncompleteRead when a chunked response is cut off
         if os.path.exists(archive) and not check_integrity(archive, md5):
             os.remove(archive)  # a partial or corrupted archive must not be trusted later
             raise DataError(f"{archive}: md5 differs from {md5} (corrupted or interrupted "
@@ -108,7 +120,7 @@ def download(root, url=URL, md5=MD5):
         if os.path.isdir(root):
             shutil.rmtree(root)
         os.replace(staging, root)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib: corrupt deflate data
         raise DataError(f"{archive}: cannot extract ({e})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

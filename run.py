@@ -202,6 +202,11 @@ def lr_at(iteration, base_lr, milestones, warming_up=False):
     return base_lr * 0.1 ** sum(iteration >= m for m in milestones)
 
 
+def warmup_ends(iteration, train_error):
+    """The paper's rule (train error below 80%), or our cap if training never gets there."""
+    return train_error < PAPER["warmup_until_error"] or iteration >= WARMUP_MAX_ITERS
+
+
 def derived_seed(*keys):
     """A 63-bit seed from the run's seed and a purpose, stable across processes and machines."""
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
@@ -431,6 +436,7 @@ def train(args):
                                     weight_decay=config["weight_decay"], foreach=True)
         iteration, warmup_end, train_seconds = 0, None, 0.0
         window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
+        batch_count = torch.tensor(float(config["batch_size"]), dtype=torch.float64, device=device)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -470,9 +476,10 @@ def train(args):
         warming_up = uses_warmup(config) and warmup_end is None
 
         def checkpoint():
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise RunError(f"non-finite weights at iteration {iteration}; the last good "
-                               f"checkpoint {checkpoint_path} is kept")
+            weights = [t for t in model.state_dict().values() if t.is_floating_point()]
+            if not all(torch.isfinite(t).all() for t in weights):  # BN statistics included
+                raise RunError(f"weights are not finite at iteration {iteration} (training "
+                               f"diverged); the last good checkpoint {checkpoint_path} is kept")
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "iteration": iteration,
@@ -519,9 +526,8 @@ def train(args):
                 iteration += 1
                 bar.update(1)
                 with torch.no_grad():
-                    window += torch.stack([loss.detach().double() * len(y),
-                                           (logits.argmax(1) != y).sum().double(),
-                                           torch.tensor(len(y), dtype=torch.float64, device=device)])
+                    window += torch.stack([loss.detach().double() * batch_count,
+                                           (logits.argmax(1) != y).sum().double(), batch_count])
 
                 if iteration % args.log_every == 0 or iteration == config["iters"]:
                     loss_sum, wrong, count = window.tolist()  # the only sync of a window
@@ -540,8 +546,7 @@ def train(args):
                     bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
                                     lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
                     window.zero_()
-                    if warming_up and (train_error < PAPER["warmup_until_error"]
-                                       or iteration >= WARMUP_MAX_ITERS):
+                    if warming_up and warmup_ends(iteration, train_error):
                         warming_up, warmup_end = False, iteration
                         writer.add_scalar("warmup/ended_at", iteration, iteration)
                         bar.write(f"warm-up ended at iteration {iteration} "
@@ -622,6 +627,9 @@ def main(argv=None):
     except (RunError, cifar_binary.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -1,0 +1,405 @@
+"""Figure 6, Figure 7 and Table 6 of He et al. 2015, "Deep Residual Learning for Image
+Recognition" (Section 4.2, CIFAR-10), drawn from the run folders of `run.py`.
+
+    python plot_curves.py                  # logs/ -> out/figure6, figure7 (.png, .pdf), table6.md
+    python plot_curves.py --markdown-only  # only Table 6, without rendering
+
+Figure 6: training curves of plain nets, ResNets, and ResNet-110 vs ResNet-1202 (event files).
+Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json).
+Table 6: our test errors next to the paper's (result.json). Runs are grouped by configuration
+(config.json: everything but the seed), never by folder name; unfinished runs are reported apart.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto import event_pb2
+
+# Table 6 of the paper: best test error (%), and (mean, std) where it gives them (5 runs).
+PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, None),
+               110: (6.43, (6.61, 0.16)), 1202: (7.93, None)}
+# run.py's recipe defaults, restated so that the table needs no torch import.
+PAPER_RECIPE = dict(lr=0.1, batch_size=128, weight_decay=1e-4, momentum=0.9, warmup="auto",
+                    val_size=0)
+PAPER_SCHEDULE = (64_000, (32_000, 48_000))
+# run.py's EXPERIMENT_KEYS but the seed: runs that agree on these are seeds of one configuration.
+CONFIG_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
+               "weight_decay", "momentum", "val_size", "warmup", "amp")
+DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
+                 110: "tab:purple", 1202: "tab:brown"}
+SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
+CURVES = {"train/error", "test/error"}
+FIGURE7_NETS = {(True, 20), (True, 56), (False, 20), (False, 56), (False, 110)}  # (plain, depth)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- reading run folders
+
+@dataclass
+class Run:
+    folder: str
+    config: dict
+    result: dict = None  # result.json: only once training finished
+    test: dict = None    # test.json: after `run.py N test`
+    scalars: dict = field(default_factory=dict)  # tag -> (steps, values), steps ascending
+
+    @property
+    def depth(self):
+        return 6 * self.config["n"] + 2
+
+    @property
+    def finished(self):
+        return self.result is not None and self.result["iterations"] >= self.config["iters"]
+
+    @property
+    def iterations(self):
+        if self.result is not None:
+            return self.result["iterations"]
+        return max((steps[-1] for steps, _ in self.scalars.values()), default=0)
+
+    def test_error(self):
+        """(error %, iteration): the final one, or for an unfinished run its last evaluation."""
+        if self.finished:
+            return self.result["test_error"], self.result["iterations"]
+        steps, values = self.scalars.get("test/error", ([], []))
+        return (values[-1], steps[-1]) if steps else (None, None)
+
+
+def read_json(path, required):
+    """The dict in `path`, or None when absent; damaged or foreign files are reported."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        warn(f"{path}: unreadable ({e}); ignored")
+        return None
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    if missing:
+        warn(f"{path}: not written by run.py (missing {', '.join(missing)}); ignored")
+        return None
+    return data
+
+
+def read_event_file(path):
+    """(wall time, path, start step, [(tag, step, value)]) of one event file. The start step is
+    the purge step of a resumed writer (its SessionLog START), else its first scalar's step."""
+    wall_time, start, records, consumed = None, None, [], 0
+    size = os.path.getsize(path)  # before reading: a live run may append meanwhile
+    try:
+        for raw in RawEventFileLoader(path).Load():  # stops quietly at a damaged record
+            event = event_pb2.Event.FromString(raw)
+            consumed += len(raw) + 16  # TFRecord framing: length, its CRC, data, data CRC
+            wall_time = event.wall_time if wall_time is None else wall_time
+            if event.WhichOneof("what") == "session_log" and \
+                    event.session_log.status == event_pb2.SessionLog.START:
+                start = event.step
+            records += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                        if v.WhichOneof("value") == "simple_value"]
+    except DecodeError:
+        pass  # reported below, like any other damage
+    if consumed < size:  # so a damaged file is named instead of silently cut short
+        warn(f"{path}: corrupted or truncated event file (readable up to byte {consumed:,} of "
+             f"{size:,}); using the {len(records)} scalars before that")
+    if start is None and records:
+        start = min(step for _, step, _ in records)
+    return wall_time, path, start, records
+
+
+def load_scalars(folder):
+    """Scalars of all event files in `folder`, merged as TensorBoard's purge does: files in the
+    order they were opened; each drops earlier files' steps >= its start step, and wins ties."""
+    files = [read_event_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+             if "tfevents" in name]
+    merged = {}  # tag -> {step: value}
+    for _, _, start, records in sorted(f for f in files if f[0] is not None):
+        if start is not None:
+            for points in merged.values():
+                for step in [s for s in points if s >= start]:
+                    del points[step]
+        for tag, step, value in records:
+            merged.setdefault(tag, {})[step] = value
+    return {tag: (sorted(points), [points[s] for s in sorted(points)])
+            for tag, points in merged.items() if points}
+
+
+def find_runs(logdir):
+    """Every run folder <logdir>/<name>/ (with a config.json); dot-folders like .replaced/ are
+    not runs."""
+    runs = []
+    for name in sorted(os.listdir(logdir)):
+        folder = os.path.join(logdir, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.exists(config_path):
+            warn(f"{folder}: no config.json, not a run folder; skipped")
+            continue
+        config = read_json(config_path, CONFIG_KEYS + ("seed", "params"))
+        if config is None:
+            continue  # read_json said why
+        run = Run(folder, config,
+                  read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
+                  read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
+                  load_scalars(folder))
+        if not CURVES & run.scalars.keys():
+            warn(f"{folder}: no training curves in its event files; left out of Figure 6")
+        runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------- configurations
+
+def configuration(config):
+    values = dict(config, milestones=tuple(config["milestones"]))
+    if config["plain"]:
+        values["shortcut"] = None  # a plain net has no shortcut to choose
+    return tuple(values[k] for k in CONFIG_KEYS)
+
+
+def group(runs):
+    """Runs of one configuration together (seeds), ResNets before plain nets, by depth."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(configuration(run.config), []).append(run)
+    return sorted(groups.values(), key=lambda g: (g[0].config["plain"], g[0].depth,
+                                                  label(g[0].config)))
+
+
+def label(config, *extra, depth=True):
+    """e.g. 'ResNet-56', 'ResNet-56 (option B, bf16)': the net and how its configuration departs
+    from the paper's CIFAR recipe, then any `extra` notes."""
+    notes = []
+    if not config["plain"] and config["shortcut"] != "A":
+        notes.append(f"option {config['shortcut']}")
+    if config["amp"] != "none":
+        notes.append(config["amp"])
+    notes += [f"{k} {config[k]}" for k, v in PAPER_RECIPE.items() if config[k] != v]
+    if (config["iters"], tuple(config["milestones"])) != PAPER_SCHEDULE:
+        notes.append(schedule(config))
+    notes += [e for e in extra if e]
+    name = "plain" if config["plain"] else "ResNet"
+    name += f"-{6 * config['n'] + 2}" if depth else ""
+    return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def schedule(config):
+    return f"{config['iters']:,} iters, lr/10 at " + "/".join(map("{:,}".format,
+                                                                  config["milestones"]))
+
+
+def median_run(runs, error):
+    """The run to draw for several seeds: the median by `error` (the lower of the middle two
+    for an even count), among finished runs when there are any."""
+    pool = sorted([r for r in runs if r.finished] or runs,
+                  key=lambda r: (error(r) is None, error(r) or 0.0))
+    return pool[(len(pool) - 1) // 2], len(pool)
+
+
+# ---------------------------------------------------------------- Table 6
+
+def format_error(best, mean_std=None):
+    """'6.43', or as the paper gives several runs: 'best (mean±std)', e.g. '6.43 (6.61±0.16)'."""
+    return f"{best:.2f}" + (f" ({mean_std[0]:.2f}±{mean_std[1]:.2f})" if mean_std else "")
+
+
+def table6(runs):
+    """Table 6 as markdown: one row per configuration's finished seeds, one per unfinished run."""
+    rows = []
+    for runs_of_config in group(runs):
+        config = runs_of_config[0].config
+        depth, params = 6 * config["n"] + 2, f"{config['params'] / 1e6:.2f}M"
+        paper = None if config["plain"] or config["shortcut"] != "A" else PAPER_ERROR.get(depth)
+        paper_cell = format_error(*paper) if paper else "-"
+        errors = [r.result["test_error"] for r in runs_of_config if r.finished]
+        if errors:
+            ours = (min(errors), (statistics.mean(errors), statistics.stdev(errors))
+                    if len(errors) > 1 else None)
+            diff = "-"
+            if paper:
+                diff = f"{ours[0] - paper[0]:+.2f}"
+                if ours[1] and paper[1]:
+                    diff += f" ({ours[1][0] - paper[1][0]:+.2f})"
+            rows.append([label(config, depth=False), depth, params, format_error(*ours),
+                         paper_cell, diff, len(errors), f"{config['iters']:,}"])
+        for run in runs_of_config:
+            if not run.finished:
+                error, step = run.test_error()
+                unfinished = f"unfinished: {run.iterations:,} / {config['iters']:,} iters"
+                ours = "-" if error is None else f"{error:.2f} (last eval, iter {step:,})"
+                rows.append([label(config, unfinished, depth=False), depth, params, ours,
+                             paper_cell, "-", 1, f"{run.iterations:,}"])
+    header = ["method", "depth", "# params", "test error (%)", "paper (%)", "difference",
+              "runs", "iterations"]
+    lines = ["| " + " | ".join(map(str, row)) + " |" for row in [header, ["---"] * 8] + rows]
+    return "\n".join([
+        "Table 6: CIFAR-10 test error of He et al. 2015, Section 4.2, and ours.", "", *lines, "",
+        "Test error at the end of training. Several seeds: best (mean±std), std with ddof=1 "
+        "(sample std). Difference: ours - paper, best vs best (mean vs mean). The paper gives "
+        "no plain nets and no option B on CIFAR-10 in Table 6 (\"-\"). Unfinished runs: their "
+        "last test evaluation, never averaged with finished runs.", ""])
+
+
+# ---------------------------------------------------------------- figures
+
+def colours(configs):
+    """One colour per depth (plain and residual nets differ by panel or line style); a second
+    configuration of the same net, e.g. option B, takes a spare colour."""
+    out, seen, spare = [], set(), iter(SPARE_COLOURS * len(configs))
+    for config in configs:
+        net = (config["plain"], 6 * config["n"] + 2)
+        out.append(next(spare) if net in seen or net[1] not in DEPTH_COLOURS
+                   else DEPTH_COLOURS[net[1]])
+        seen.add(net)
+    return out
+
+
+def figure6(runs, ylim=(0, 20)):
+    """Figure 6 (a matplotlib Figure; None when no run has curves): panels of plain nets,
+    ResNets, and ResNet-110 vs 1202, as in the paper."""
+    panels = {"plain nets": [], "ResNets": [], "ResNet-110 vs ResNet-1202": []}
+    for runs_of_config in group([r for r in runs if CURVES & r.scalars.keys()]):
+        run, count = median_run(runs_of_config, lambda r: r.test_error()[0])
+        if run.config["plain"]:
+            panels["plain nets"].append((run, count))
+        else:
+            if run.depth != 1202:
+                panels["ResNets"].append((run, count))
+            if run.depth in (110, 1202):
+                panels["ResNet-110 vs ResNet-1202"].append((run, count))
+    if not any(run.depth == 1202 for run, _ in panels["ResNet-110 vs ResNet-1202"]):
+        panels["ResNet-110 vs ResNet-1202"] = []  # without 1202 it only repeats ResNet-110
+    for title, drawn in panels.items():
+        if not drawn:
+            needs = "ResNet-1202 run" if "1202" in title else "run"
+            print(f"figure 6: panel '{title}' left out: no {needs} with training curves")
+        if len({schedule(r.config) for r, _ in drawn}) > 1:
+            print(f"figure 6: panel '{title}' mixes schedules (" + "; ".join(
+                f"{label(r.config)}: {schedule(r.config)}" for r, _ in drawn)
+                + "); they share one axis but are not directly comparable")
+    panels = {title: drawn for title, drawn in panels.items() if drawn}
+    if not panels:
+        return None
+    from matplotlib.figure import Figure  # lazily: --markdown-only renders nothing
+    fig = Figure(figsize=(5.5 * len(panels), 4.6), layout="constrained")
+    for ax, (title, drawn) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
+        for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
+            legend = label(run.config, f"median of {count}" if count > 1 else "",
+                           "" if run.finished else f"unfinished: {run.iterations:,} iters")
+            for tag, style in (("test/error", dict(lw=2.2)), ("train/error", dict(lw=1, ls="--"))):
+                if tag in run.scalars:  # the legend entry goes on the bold line when there is one
+                    steps, values = run.scalars[tag]
+                    ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)
+                    legend = None
+        last = max(run.scalars[t][0][-1] for run, _ in drawn for t in CURVES & run.scalars.keys())
+        ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, last / 1e4),
+               ylim=ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+    fig.suptitle("Figure 6: training on CIFAR-10 (He et al. 2015, Sec. 4.2)")
+    fig.supxlabel("Dashed: training error (running average over the logging window); bold: test "
+                  "error. Several seeds: the run with the median final test error is drawn.",
+                  fontsize="small")
+    return fig
+
+
+def figure7(runs):
+    """Figure 7 (a matplotlib Figure; None without test.json): std of each 3x3 layer's response,
+    in network order (top) and sorted by magnitude (bottom)."""
+    drawn, other_nets = [], []
+    for runs_of_config in group([r for r in runs if r.test is not None]):
+        run, count = median_run(runs_of_config, lambda r: r.test["test_error"])
+        if (run.config["plain"], run.depth) not in FIGURE7_NETS:
+            other_nets.append(label(run.config))
+        else:
+            drawn.append((run, count))
+    if other_nets:
+        print("figure 7 shows the paper's plain-20/56 and ResNet-20/56/110; left out: "
+             + ", ".join(other_nets))
+    if not drawn:
+        print("figure 7 left out: no test.json with layer responses (run `run.py N test`)")
+        return None
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1)
+    for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
+        legend = label(run.config, f"median of {count}" if count > 1 else "")
+        responses = run.test["layer_responses"]
+        style = dict(color=colour, lw=1.6, ls="--" if run.config["plain"] else "-", label=legend)
+        top.plot(range(1, len(responses) + 1), responses, **style)
+        bottom.plot(range(1, len(responses) + 1), sorted(responses, reverse=True), **style)
+    top.set(xlabel="layer index (original)", ylabel="std")
+    bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small")
+    fig.suptitle("Figure 7: std of layer responses on CIFAR-10 (3x3 layers, after BN, before "
+                 "ReLU/addition)")
+    return fig
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Figure 6, Figure 7 and Table 6 of He et al. 2015 "
+                                            "(Sec. 4.2) from run.py's run folders.")
+    p.add_argument("--logdir", default="logs", help="folder of run folders (default: %(default)s)")
+    p.add_argument("--out", default="out", help="folder for the outputs (default: %(default)s)")
+    p.add_argument("--ylim", type=float, nargs=2, default=(0.0, 20.0), metavar=("LO", "HI"),
+                   help="figure 6 error axis in %% (default: the paper's 0 20)")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="write only table6.md, without matplotlib (for scripts)")
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.ylim[0]) and math.isfinite(args.ylim[1])
+            and args.ylim[0] < args.ylim[1]):
+        p.error("--ylim: expected two finite numbers LO < HI, got %g %g" % tuple(args.ylim))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isdir(args.logdir):
+        problem = "not a folder" if os.path.exists(args.logdir) else "no such folder"
+        print(f"error: --logdir {args.logdir}: {problem}", file=sys.stderr)
+        return 1
+    try:
+        runs = find_runs(args.logdir)
+    except OSError as e:
+        print(f"error: cannot read {e.filename} ({e.strerror or e})", file=sys.stderr)
+        return 1
+    if not runs:
+        hint = (" (it is a run folder itself: pass its parent)"
+                if os.path.exists(os.path.join(args.logdir, "config.json")) else "")
+        print(f"error: no runs found in logdir {args.logdir}{hint}", file=sys.stderr)
+        return 1
+    table = table6(runs)
+    print(table)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "table6.md"), "w") as f:
+            f.write(table)
+        written = ["table6.md"]
+        if not args.markdown_only:
+            for name, fig in (("figure6", figure6(runs, args.ylim)), ("figure7", figure7(runs))):
+                for ext in ("png", "pdf") if fig is not None else ():
+                    fig.savefig(os.path.join(args.out, f"{name}.{ext}"), dpi=150)
+                    written.append(f"{name}.{ext}")
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(written)} in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""plot_curves.py: Figure 6, Figure 7 and Table 6 from small synthetic run folders."""
+import glob
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+
+import pytest
+from tensorboardX import SummaryWriter
+
+import plot_curves
+
+PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19_421_274}
+
+
+def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
+             final=8.0, stop_at=None, events=True, responses=None):
+    """A run folder as run.py writes it, with synthetic curves that end at `final` % test error:
+    training error every iters/10 iterations, test error every iters/4.
+    stop_at: the run was interrupted there (no result.json)."""
+    folder = os.path.join(logdir, name)
+    os.makedirs(folder)
+    milestones = [32_000, 48_000] if iters == 64_000 else [iters // 2, iters * 3 // 4]
+    config = dict(n=n, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones, lr=0.1,
+                  batch_size=128, weight_decay=1e-4, momentum=0.9, seed=seed, val_size=0,
+                  warmup="auto", amp=amp, depth=6 * n + 2, params=PARAMS[n], name=name,
+                  eval_every=iters // 4, log_every=iters // 10, start={}, resumes=[])
+    write_json(os.path.join(folder, "config.json"), config)
+    end = stop_at or iters
+    if events:
+        writer = SummaryWriter(folder)
+        for step in range(1, end + 1):
+            if step % (iters // 10) == 0:
+                writer.add_scalar("train/error", final - 2 + 80 * (1 - step / iters) ** 2, step)
+            if step % (iters // 4) == 0:
+                writer.add_scalar("test/error", final + 60 * (1 - step / iters) ** 2, step)
+        writer.close()
+    if stop_at is None:
+        write_json(os.path.join(folder, "result.json"), dict(
+            test_error=final, test_loss=0.3, iterations=iters, depth=6 * n + 2, params=PARAMS[n],
+            plain=plain, shortcut=shortcut, seed=seed, amp=amp, warmup_end=None))
+    if responses is not None:
+        write_json(os.path.join(folder, "test.json"), dict(
+            test_error=final, per_class_error={}, iteration=end, params=PARAMS[n],
+            depth=6 * n + 2, plain=plain, shortcut=shortcut, checkpoint="checkpoint.pt",
+            layer_responses=responses))
+    return folder
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def row(table, method, depth):
+    """The cells of the table row that starts with `method | depth`."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [method, str(depth)]:
+            return cells
+    raise AssertionError(f"no row {method} {depth} in\n{table}")
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+# ---------------------------------------------------------------- event files
+
+def test_resumed_run_keeps_later_file_values_and_drops_purged_steps(tmp_path):
+    writer = SummaryWriter(str(tmp_path), filename_suffix=".1")
+    for step in range(100, 1001, 100):
+        writer.add_scalar("train/error", step / 100, step)
+    writer.close()
+    # Resumed from the checkpoint at 500. Within one second its name sorts first: the order must
+    # come from the files' own times.
+    writer = SummaryWriter(str(tmp_path), purge_step=500, filename_suffix=".0")
+    for step in (600, 700, 800):
+        writer.add_scalar("train/error", 100 + step / 100, step)
+    writer.close()
+    assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2
+    steps, values = plot_curves.load_scalars(str(tmp_path))["train/error"]
+    assert steps == [100, 200, 300, 400, 600, 700, 800]
+    assert values == [1, 2, 3, 4, 106, 107, 108]
+
+
+def test_restart_without_purge_step_drops_earlier_steps_from_its_first_step_on(tmp_path):
+    writer = SummaryWriter(str(tmp_path), filename_suffix=".a")
+    for step in (100, 200, 300):
+        writer.add_scalar("test/error", 50.0, step)
+    writer.close()
+    writer = SummaryWriter(str(tmp_path), filename_suffix=".b")  # run.py: resume at iteration 0
+    writer.add_scalar("test/error", 40.0, 200)
+    writer.close()
+    assert plot_curves.load_scalars(str(tmp_path))["test/error"] == ([100, 200], [50.0, 40.0])
+
+
+def test_corrupted_event_file_is_named_and_its_readable_part_kept(tmp_path, capsys):
+    folder = make_run(str(tmp_path), "resnet20")
+    path = glob.glob(os.path.join(folder, "events.out.tfevents.*"))[0]
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(data)
+    (run,) = plot_curves.find_runs(str(tmp_path))
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and path in message and "corrupted" in message
+    steps, _ = run.scalars["train/error"]
+    assert steps[0] == 6_400 and steps[-1] < 64_000
+
+
+# ---------------------------------------------------------------- Table 6
+
+def test_table_gives_best_mean_std_over_seeds(tmp_path):
+    errors = [8.5, 8.0, 9.5]
+    for seed, error in enumerate(errors):
+        make_run(str(tmp_path), f"resnet20-seed{seed}", seed=seed, final=error, events=False)
+    cells = row(plot_curves.table6(plot_curves.find_runs(str(tmp_path))), "ResNet", 20)
+    assert statistics.stdev(errors) == pytest.approx(0.7638, abs=1e-4)  # sample std; ddof=0 gives 0.62
+    assert cells[2:] == ["0.27M", "8.00 (8.67±0.76)", "8.75", "-0.75", "3", "64,000"]
+
+
+def test_unfinished_run_gets_its_own_labelled_row_outside_the_mean(tmp_path):
+    make_run(str(tmp_path), "a", n=18, seed=1, final=6.0, iters=2000)
+    make_run(str(tmp_path), "b", n=18, seed=2, final=7.0, iters=2000)
+    make_run(str(tmp_path), "c", n=18, seed=3, final=6.5, iters=2000, stop_at=600)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    method = "ResNet (2,000 iters, lr/10 at 1,000/1,500)"
+    assert row(table, method, 110)[3:7] == ["6.00 (6.50±0.71)", "6.43 (6.61±0.16)",
+                                            "-0.43 (-0.11)", "2"]
+    unfinished = row(table, f"{method[:-1]}, unfinished: 600 / 2,000 iters)", 110)
+    # its last test evaluation was at 500: 6.5 + 60 * (1 - 500/2000)^2
+    assert unfinished[3:] == ["40.25 (last eval, iter 500)", "6.43 (6.61±0.16)", "-", "1", "600"]
+
+
+def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
+    make_run(str(tmp_path), "resnet56", n=9, final=7.0, events=False)
+    make_run(str(tmp_path), "resnet56-B", n=9, shortcut="B", final=6.8, events=False)
+    make_run(str(tmp_path), "resnet56-bf16", n=9, amp="bf16", final=7.2, events=False)
+    make_run(str(tmp_path), "plain56", n=9, plain=True, shortcut="B", final=12.0, events=False)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet", 56)[3:6] == ["7.00", "6.97", "+0.03"]
+    assert row(table, "ResNet (option B)", 56)[3:6] == ["6.80", "-", "-"]
+    assert row(table, "ResNet (bf16)", 56)[3:6] == ["7.20", "6.97", "+0.23"]
+    assert row(table, "plain", 56)[3:6] == ["12.00", "-", "-"]  # plain's shortcut is moot
+
+
+# ---------------------------------------------------------------- figures
+
+def test_figure6_has_the_papers_three_panels_with_a_line_pair_per_depth(tmp_path):
+    for n, plain in ((3, True), (9, True), (3, False), (18, False), (200, False)):
+        make_run(str(tmp_path), f"{'plain' if plain else 'resnet'}{6 * n + 2}", n=n, plain=plain)
+    fig = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)))
+    plain, resnets, deep = fig.axes
+    assert [ax.get_title() for ax in fig.axes] == ["plain nets", "ResNets",
+                                                   "ResNet-110 vs ResNet-1202"]
+    assert [t.get_text() for t in plain.get_legend().get_texts()] == ["plain-20", "plain-56"]
+    assert [t.get_text() for t in resnets.get_legend().get_texts()] == ["ResNet-20", "ResNet-110"]
+    assert [t.get_text() for t in deep.get_legend().get_texts()] == ["ResNet-110", "ResNet-1202"]
+    test_line, train_line = plain.lines[:2]  # bold test error, dashed training error
+    assert test_line.get_linestyle() == "-" and train_line.get_linestyle() == "--"
+    assert test_line.get_linewidth() > train_line.get_linewidth()
+    assert test_line.get_color() == train_line.get_color()
+    assert plain.get_xlabel() == "iter. (1e4)" and plain.get_ylabel() == "error (%)"
+    assert plain.get_xlim() == (0, 6.4) and plain.get_ylim() == (0, 20)
+
+
+def test_figure6_leaves_out_panels_without_runs_with_a_note(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20")
+    make_run(str(tmp_path), "resnet110", n=18)  # no 1202: the third panel would only repeat it
+    fig = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)), ylim=(0, 50))
+    assert [ax.get_title() for ax in fig.axes] == ["ResNets"]
+    assert fig.axes[0].get_ylim() == (0, 50)
+    out = capsys.readouterr().out
+    assert "panel 'plain nets' left out" in out
+    assert "panel 'ResNet-110 vs ResNet-1202' left out: no ResNet-1202 run" in out
+
+
+def test_figure6_draws_the_median_seed(tmp_path):
+    for seed, error in enumerate([9.0, 7.0, 8.0]):
+        make_run(str(tmp_path), f"resnet20-seed{seed}", seed=seed, final=error)
+    (ax,) = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
+    assert len(ax.lines) == 2
+    assert ax.lines[0].get_ydata()[-1] == 8.0
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ResNet-20 (median of 3)"]
+
+
+def test_figure6_notes_mixed_schedules_and_still_draws_them(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20")
+    make_run(str(tmp_path), "resnet32", n=5, iters=32_000)
+    make_run(str(tmp_path), "resnet44", n=7, stop_at=12_800)
+    (ax,) = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
+    assert "mixes schedules" in capsys.readouterr().out
+    assert ax.get_xlim() == (0, 6.4)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["ResNet-20", "ResNet-32 (32,000 iters, lr/10 at 16,000/24,000)",
+                      "ResNet-44 (unfinished: 12,800 iters)"]
+
+
+def test_figure7_draws_network_order_on_top_and_sorted_below(tmp_path, capsys):
+    responses = [1.0 + (i % 3) for i in range(19)]
+    make_run(str(tmp_path), "resnet20", responses=responses, events=False)
+    make_run(str(tmp_path), "plain20", plain=True, responses=[2.0] * 19, events=False)
+    make_run(str(tmp_path), "resnet32", n=5, responses=[1.0] * 31, events=False)
+    top, bottom = plot_curves.figure7(plot_curves.find_runs(str(tmp_path))).axes
+    assert "left out: ResNet-32\n" in capsys.readouterr().out
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["ResNet-20", "plain-20"]
+    assert list(top.lines[0].get_ydata()) == responses
+    assert list(bottom.lines[0].get_ydata()) == sorted(responses, reverse=True)
+    assert top.lines[1].get_linestyle() == "--"  # plain nets dashed, in their depth's colour
+    assert top.lines[1].get_color() == top.lines[0].get_color()
+    assert bottom.get_xlabel() == "layer index (sorted by magnitude)"
+
+
+# ---------------------------------------------------------------- command line
+
+def test_main_writes_figures_and_table_despite_bad_run_folders(tmp_path, capsys):
+    logdir, out = str(tmp_path / "logs"), str(tmp_path / "out")
+    make_run(logdir, "resnet20", responses=[1.0] * 19)
+    make_run(logdir, "plain20", plain=True, events=False)  # finished, but its events are lost
+    broken = make_run(logdir, "resnet56", n=9)
+    open(glob.glob(os.path.join(broken, "events.out.tfevents.*"))[0], "wb").write(b"not a record")
+    os.makedirs(os.path.join(logdir, "notes"))  # no config.json
+    make_run(os.path.join(logdir, ".replaced"), "resnet20-20240101", final=50.0)
+    assert plot_curves.main(["--logdir", logdir, "--out", out]) == 0
+    captured = capsys.readouterr()
+    assert "resnet56" in captured.err and "corrupted" in captured.err
+    assert "plain20: no training curves" in captured.err and "notes: no config.json" in captured.err
+    table = open(os.path.join(out, "table6.md")).read()
+    assert table in captured.out
+    assert [row(table, m, d)[3] for m, d in (("ResNet", 20), ("ResNet", 56), ("plain", 20))] == \
+        ["8.00", "8.00", "8.00"]
+    assert "50.00" not in table  # .replaced/ holds no runs
+    for name in ("figure6", "figure7"):
+        width, height = png_size(os.path.join(out, f"{name}.png"))
+        assert 600 < width < 3000 and 400 < height < 2000
+        assert os.path.getsize(os.path.join(out, f"{name}.pdf")) > 1000
+
+
+def test_markdown_only_writes_the_table_without_importing_matplotlib(tmp_path):
+    make_run(str(tmp_path / "logs"), "resnet20")
+    script = ("import sys, plot_curves; code = plot_curves.main(sys.argv[1:]); "
+              "assert 'matplotlib' not in sys.modules; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script, "--logdir", str(tmp_path / "logs"),
+                           "--out", str(tmp_path / "out"), "--markdown-only"],
+                          cwd=os.path.dirname(plot_curves.__file__), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(tmp_path / "out") == ["table6.md"]
+
+
+def test_missing_or_empty_logdir_exits_1_with_one_line(tmp_path, capsys):
+    assert plot_curves.main(["--logdir", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err == f"error: --logdir {tmp_path / 'nowhere'}: no such folder\n"
+    assert plot_curves.main(["--logdir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: no runs found in logdir {tmp_path}\n"
+
+
+def test_bad_ylim_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as raised:
+        plot_curves.main(["--ylim", "20", "0"])
+    assert raised.value.code == 2
+    assert "--ylim: expected two finite numbers LO < HI" in capsys.readouterr().err

@@ -1,0 +1,295 @@
+"""run.py: the paper's schedule, the data order, and train/test runs on synthetic data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run
+from conftest import ROOT
+
+TINY = ["--iters", "12", "--log-every", "4", "--eval-every", "8", "--ckpt-every", "4",
+        "--threads", "2"]
+
+
+def train(data, logdir, *extra):
+    return run.main(["1", "train", "--data-dir", data, "--logdir", str(logdir), *TINY, *extra])
+
+
+def start(data, logdir, *extra):
+    """run.py in a subprocess, as a user runs it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "1", "train",
+                             "--data-dir", data, "--logdir", str(logdir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint_of(folder):
+    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    assert a["iteration"] == b["iteration"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    momenta_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momenta_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert len(momenta_a) == len(momenta_b) > 0
+    assert all(torch.equal(x, y) for x, y in zip(momenta_a, momenta_b))
+
+
+# ---------------------------------------------------------------- schedule
+
+def test_lr_drops_at_32k_and_48k():
+    lr = lambda i: run.lr_at(i, 0.1, [32_000, 48_000])
+    assert lr(0) == lr(31_999) == 0.1
+    assert lr(32_000) == lr(47_999) == pytest.approx(0.01)
+    assert lr(48_000) == lr(63_999) == pytest.approx(0.001)
+
+
+def test_warmup_lr_is_001_until_train_error_below_80_percent():
+    assert run.lr_at(0, 0.1, [32_000, 48_000], warming_up=True) == 0.01
+    assert not run.warmup_ends(400, 80.0)
+    assert run.warmup_ends(400, 79.9)
+    assert run.warmup_ends(run.WARMUP_MAX_ITERS, 90.0)
+
+
+def test_warmup_defaults_to_resnet110_and_deeper():
+    config = {"warmup": "auto", "n": 9}
+    assert not run.uses_warmup(config)
+    assert run.uses_warmup({**config, "n": 18})
+    assert run.uses_warmup({"warmup": "on", "n": 1})
+    assert not run.uses_warmup({"warmup": "off", "n": 18})
+
+
+def test_defaults_are_the_papers_recipe():
+    args = run.parse_args(["9", "train"])
+    assert (args.lr, args.milestones, args.iters, args.batch_size, args.weight_decay,
+            args.momentum, args.shortcut, args.plain) == (
+        0.1, [32_000, 48_000], 64_000, 128, 1e-4, 0.9, "A", False)
+
+
+def test_shorter_schedule_keeps_the_milestone_fractions():
+    assert run.parse_args(["3", "train", "--iters", "6400"]).milestones == [3200, 4800]
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["9", "train"], "resnet56"),
+    (["3", "train", "--plain"], "plain20"),
+    (["3", "train", "--shortcut", "B"], "resnet20-B"),
+    (["18", "train", "--seed", "3"], "resnet110-seed3"),
+    (["3", "train", "--amp", "bf16", "--iters", "6400"], "resnet20-bf16-iters6400"),
+    (["3", "train", "--milestones", "30000", "50000"], "resnet20-ms30000-50000"),
+    (["3", "train", "--val-size", "5000", "--lr", "0.05"], "resnet20-lr0.05-val5000"),
+])
+def test_run_names_follow_the_configuration(argv, name):
+    assert run.parse_args(argv).name == name
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["0", "train"], "N"),
+    (["x", "train"], "N"),
+    (["3", "fly"], "mode"),
+    (["3", "train", "--milestones", "48000", "32000"], "strictly increasing"),
+    (["3", "train", "--milestones", "64000"], "below --iters"),
+    (["3", "train", "--batch-size", "0"], "--batch-size"),
+    (["3", "train", "--lr", "-1"], "--lr"),
+    (["3", "train", "--lr", "nan"], "--lr"),
+    (["3", "train", "--shortcut", "C"], "--shortcut"),
+    (["3", "train", "--val-size", "50000"], "--val-size"),
+    (["3", "train", "--name", "../elsewhere"], "--name"),
+    (["3", "train", "--device", "tpu"], "--device"),
+])
+def test_bad_flags_are_usage_errors(argv, complaint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert complaint in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- data order
+
+def test_every_epoch_is_a_fresh_permutation_with_no_image_dropped():
+    order = run.BatchOrder(seed=0, size=1000, batch_size=128, device="cpu")
+    iterations = -(-3 * 1000 // 128)  # enough batches for three epochs
+    stream = torch.cat([order(i) for i in range(iterations)])
+    epochs = stream[:3000].view(3, 1000)
+    for epoch in epochs:
+        assert torch.equal(epoch.sort().values, torch.arange(1000))
+    assert not torch.equal(epochs[0], epochs[1])
+    assert all(len(order(i)) == 128 for i in range(iterations))
+
+
+def test_batch_order_is_a_function_of_seed_and_iteration():
+    a = run.BatchOrder(seed=1, size=1000, batch_size=128, device="cpu")
+    b = run.BatchOrder(seed=1, size=1000, batch_size=128, device="cpu")
+    c = run.BatchOrder(seed=2, size=1000, batch_size=128, device="cpu")
+    assert torch.equal(a(7), b(7))  # b never saw iterations 0-6
+    assert not torch.equal(a(7), c(7))
+
+
+# ---------------------------------------------------------------- train and test runs
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_cifar, tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("logs")
+    assert train(synthetic_cifar, logdir) == 0
+    return os.path.join(logdir, "resnet8-iters12")
+
+
+def test_a_run_folder_holds_config_checkpoint_events_and_result(finished_run):
+    files = os.listdir(finished_run)
+    assert {"config.json", "checkpoint.pt", "result.json"} <= set(files)
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert not any(".tmp-" in f for f in files)
+    with open(os.path.join(finished_run, "config.json")) as f:
+        config = json.load(f)
+    assert config["params"] == 75_290 and config["depth"] == 8 and config["milestones"] == [6, 9]
+    assert config["start"]["torch"] == torch.__version__ and config["start"]["threads"] == 2
+    with open(os.path.join(finished_run, "result.json")) as f:
+        result = json.load(f)
+    assert result["iterations"] == 12 and 0 <= result["test_error"] <= 100
+    assert {"params", "plain", "shortcut", "seed", "train_seconds", "images_per_second"} <= result.keys()
+
+
+def test_checkpoint_loads_weights_only_without_wrapper_prefixes(finished_run):
+    state = checkpoint_of(finished_run)
+    assert state["iteration"] == 12
+    assert state["per_pixel_mean"].shape == (3, 32, 32)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    model = run.build_model(state["config"], torch.device("cpu"))
+    model.load_state_dict(state["model"])
+
+
+def test_event_files_hold_the_curves_by_iteration(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(finished_run)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/error", "train/loss", "test/error", "test/loss", "lr",
+            "speed/images_per_second"} <= tags
+    assert [e.step for e in events.Scalars("train/error")] == [4, 8, 12]
+    assert [e.step for e in events.Scalars("test/error")] == [8, 12]
+    assert [round(e.value, 6) for e in events.Scalars("lr")] == [0.1, 0.01, 0.001]
+
+
+def test_a_finished_run_says_so_and_exits_0(finished_run, synthetic_cifar, capsys):
+    logdir = os.path.dirname(finished_run)
+    assert train(synthetic_cifar, logdir) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_test_mode_writes_errors_and_layer_responses(finished_run, synthetic_cifar, capsys):
+    logdir = os.path.dirname(finished_run)
+    assert run.main(["1", "test", "--iters", "12", "--data-dir", synthetic_cifar,
+                     "--logdir", str(logdir)]) == 0
+    out = capsys.readouterr().out
+    with open(os.path.join(finished_run, "test.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(finished_run, "result.json")) as f:
+        result = json.load(f)
+    assert report["test_error"] == pytest.approx(result["test_error"])  # same evaluation code
+    assert f"{report['test_error']:.2f}%" in out and "iteration 12" in out
+    assert len(report["per_class_error"]) == 10 and report["iteration"] == 12
+    assert len(report["layer_responses"]) == 6 * 1 + 1
+    assert all(s > 0 for s in report["layer_responses"])
+
+
+def test_test_mode_refuses_a_checkpoint_of_another_network(finished_run, synthetic_cifar, capsys):
+    path = os.path.join(finished_run, "checkpoint.pt")
+    assert run.main(["2", "test", "--checkpoint", path, "--data-dir", synthetic_cifar]) == 1
+    err = capsys.readouterr().err
+    assert "ResNet-8" in err and "ResNet-14" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_test_mode_refuses_missing_or_foreign_checkpoints(tmp_path, synthetic_cifar, content, capsys):
+    path = tmp_path / "checkpoint.pt"
+    if content is not None:
+        path.write_bytes(content)
+    assert run.main(["1", "test", "--checkpoint", str(path), "--data-dir", synthetic_cifar]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_another_configuration_is_refused(finished_run, synthetic_cifar, capsys):
+    logdir = os.path.dirname(finished_run)
+    code = train(synthetic_cifar, logdir, "--name", "resnet8-iters12", "--plain", "--seed", "4")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "plain" in err and "seed" in err and "--fresh" in err
+
+
+def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):
+    assert train(synthetic_cifar, tmp_path, "--iters", "4") == 0
+    assert train(synthetic_cifar, tmp_path, "--iters", "4", "--fresh") == 0
+    replaced = os.listdir(tmp_path / ".replaced")
+    assert len(replaced) == 1 and replaced[0].startswith("resnet8-iters4-")
+    assert os.path.exists(tmp_path / ".replaced" / replaced[0] / "result.json")
+    assert os.path.exists(tmp_path / "resnet8-iters4" / "result.json")
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(synthetic_cifar, tmp_path, capsys):
+    import fcntl
+    folder = tmp_path / "resnet8-iters12"
+    folder.mkdir()
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert train(synthetic_cifar, tmp_path) == 1
+    assert "in use by another process" in capsys.readouterr().err
+    assert not os.path.exists(folder / "checkpoint.pt")
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+        synthetic_cifar, tmp_path, capsys):
+    folder = tmp_path / "diverge"
+    assert train(synthetic_cifar, tmp_path, "--name", "diverge", "--iters", "40",
+                 "--log-every", "1", "--ckpt-every", "1", "--lr", "1e12") == 1
+    err = capsys.readouterr().err
+    assert "not finite" in err and "checkpoint" in err
+    state = checkpoint_of(folder)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not os.path.exists(folder / "result.json")
+
+
+def test_resume_is_bit_exact_after_kill_9(synthetic_cifar, tmp_path):
+    flags = ["--iters", "40", "--log-every", "5", "--ckpt-every", "5", "--eval-every", "1000",
+             "--threads", "2"]
+    assert run.main(["1", "train", "--data-dir", synthetic_cifar, "--logdir",
+                     str(tmp_path / "once"), *flags]) == 0
+    logdir = tmp_path / "killed"
+    folder = logdir / "resnet8-iters40"
+    process = start(synthetic_cifar, logdir, *flags)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill between checkpoints, once training is under way
+        if (folder / "checkpoint.pt").exists() and checkpoint_of(folder)["iteration"] >= 10:
+            break
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert checkpoint_of(folder)["iteration"] < 40, "the run finished before it was killed"
+    resumed = start(synthetic_cifar, logdir, *flags)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming from iteration" in out
+    assert_same_state(checkpoint_of(tmp_path / "once" / "resnet8-iters40"), checkpoint_of(folder))
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_nonzero(synthetic_cifar, tmp_path):
+    folder = tmp_path / "resnet8-iters2000"
+    process = start(synthetic_cifar, tmp_path, "--iters", "2000", "--ckpt-every", "1000",
+                    "--log-every", "1", "--eval-every", "1000")
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(folder.glob("events.out.tfevents*")):
+        time.sleep(0.05)
+    time.sleep(1.0)  # a few steps in
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "checkpoint written" in err and "Traceback" not in err
+    iteration = checkpoint_of(folder)["iteration"]
+    assert 0 < iteration < 1000  # written at the signal, not at --ckpt-every
