@@ -104,7 +104,7 @@ def download(root, url=URL, md5=MD5):
     staging = tempfile.mkdtemp(prefix=".cifar-extract-", dir=parent)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
+            for member in tar:  # one pass over the compressed stream
                 if member.name in extracted and member.isfile():
                     with tar.extractfile(member) as src, \
                             open(os.path.join(staging, os.path.basename(member.name)), "wb") as dst:
@@ -117,6 +117,7 @@ def download(root, url=URL, md5=MD5):
                 load_split(staging, split)
             except DataError as e:
                 raise DataError(f"{archive}: bad contents: {e}") from None
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a data set is shared
         if os.path.isdir(root):
             shutil.rmtree(root)
         os.replace(staging, root)
@@ -128,6 +129,8 @@ def download(root, url=URL, md5=MD5):
 
 def train_val_split(images, labels, val_size):
     """Hold out the last `val_size` training images (the paper's 45k/5k split: val_size=5000)."""
+    if not 0 <= val_size < len(images):
+        raise ValueError(f"val_size must be in [0, {len(images)}), got {val_size}")
     cut = len(images) - val_size
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 

@@ -1,0 +1,287 @@
+"""CIFAR-10 binary reader, mean, augmentation and split of Section 4.2 (cifar_binary.py)."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cifar_binary
+from cifar_binary import (DataError, augment, load_split, normalize, per_pixel_mean,
+                          read_records, train_val_split)
+from synthetic import records
+
+ALL_FILES = cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]
+
+
+def pixel_value(record, channel, row, col):
+    """A byte that tells where it came from."""
+    return [row + 32 * record, col + 64, (row * 7 + col + 11 * record) % 256][channel]
+
+
+def coordinate_records(count):
+    """`count` records, label (3 * k) % 10, written byte by byte in the documented layout."""
+    out = bytearray()
+    for k in range(count):
+        out.append(3 * k % 10)
+        for channel in range(3):  # R plane, G plane, B plane, each row-major
+            for row in range(32):
+                for col in range(32):
+                    out.append(pixel_value(k, channel, row, col))
+    return bytes(out)
+
+
+def write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def linked_dataset(source, target, replace=None):
+    """A copy of the data set at `source` made of symlinks, with `replace` = {name: bytes}."""
+    os.makedirs(target)
+    for name in ALL_FILES:
+        if replace and name in replace:
+            write(os.path.join(target, name), replace[name])
+        else:
+            os.symlink(os.path.join(source, name), os.path.join(target, name))
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def synthetic_train(synthetic_cifar):
+    return load_split(synthetic_cifar, "train")
+
+
+# --- the record layout ---------------------------------------------------------------------
+
+def test_record_layout_is_label_then_red_green_blue_planes_row_major(tmp_path):
+    path = write(tmp_path / "b.bin", coordinate_records(4))
+    images, labels = read_records(path, expected_records=4)
+    assert images.dtype == np.uint8 and images.shape == (4, 3, 32, 32)
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 3, 6, 9]
+    k, c, r, w = np.meshgrid(range(4), range(3), range(32), range(32), indexing="ij")
+    expected = np.choose(c, [r + 32 * k, w + 64, (r * 7 + w + 11 * k) % 256])
+    np.testing.assert_array_equal(images, expected)
+    assert images[2, 0, 5, 9] == 5 + 64 and images[2, 1, 5, 9] == 9 + 64  # R = row, G = col
+
+
+def test_load_split_returns_uint8_images_and_int64_labels(synthetic_cifar, synthetic_train):
+    images, labels = synthetic_train
+    assert images.dtype == torch.uint8 and images.shape == (50_000, 3, 32, 32)
+    assert labels.dtype == torch.int64 and labels.shape == (50_000,)
+    test_images, test_labels = load_split(synthetic_cifar, "test")
+    assert test_images.dtype == torch.uint8 and test_images.shape == (10_000, 3, 32, 32)
+    assert test_labels.dtype == torch.int64 and test_labels.shape == (10_000,)
+
+
+def test_train_split_is_the_five_batches_concatenated_in_order(synthetic_cifar, synthetic_train):
+    images, labels = synthetic_train
+    for i, name in enumerate(cifar_binary.SPLIT_FILES["train"]):
+        with open(os.path.join(synthetic_cifar, name), "rb") as f:
+            raw = f.read()
+        for record in (0, 1, 9_999):  # first image of data_batch_2 is images[10000], ...
+            data = raw[record * 3073:(record + 1) * 3073]
+            assert labels[10_000 * i + record].item() == data[0]
+            assert images[10_000 * i + record].numpy().tobytes() == data[1:]
+
+
+def test_test_split_is_test_batch(synthetic_cifar):
+    images, labels = load_split(synthetic_cifar, "test")
+    with open(os.path.join(synthetic_cifar, "test_batch.bin"), "rb") as f:
+        raw = np.frombuffer(f.read(), np.uint8).reshape(10_000, 3073)
+    np.testing.assert_array_equal(labels.numpy(), raw[:, 0])
+    np.testing.assert_array_equal(images.numpy().reshape(10_000, -1), raw[:, 1:])
+
+
+def test_unknown_split_is_rejected(synthetic_cifar):
+    with pytest.raises(ValueError, match="'val'"):
+        load_split(synthetic_cifar, "val")
+
+
+# --- validation messages -----------------------------------------------------------------
+
+@pytest.mark.parametrize("split,first", [("train", "data_batch_1.bin"), ("test", "test_batch.bin")])
+def test_missing_file_message_names_it_and_says_how_to_get_it(tmp_path, split, first):
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), split)
+    message = str(e.value)
+    assert os.path.join(str(tmp_path), first) in message
+    assert "--download" in message and cifar_binary.URL in message
+    assert "\n" not in message
+
+
+def test_partial_record_message_gives_the_size(tmp_path):
+    path = write(tmp_path / "b.bin", records(2) + b"12345")
+    with pytest.raises(DataError, match="6,151 bytes") as e:
+        read_records(path, expected_records=None)
+    assert path in str(e.value)
+
+
+def test_bad_label_message_gives_the_first_bad_record(tmp_path):
+    labels = [1, 2, 10, 3, 200]
+    path = write(tmp_path / "b.bin", records(5, labels=labels))
+    with pytest.raises(DataError, match=r"record 2 has label byte 10\b") as e:
+        read_records(path, expected_records=5)
+    assert path in str(e.value)
+
+
+def test_wrong_record_count_is_rejected(tmp_path):
+    path = write(tmp_path / "b.bin", records(2))
+    with pytest.raises(DataError, match="2 records, expected 3"):
+        read_records(path, expected_records=3)
+    with pytest.raises(DataError, match="2 records, expected 10,000"):
+        read_records(path)
+    assert read_records(path, expected_records=2)[0].shape == (2, 3, 32, 32)
+
+
+def test_load_split_rejects_a_batch_one_record_short(synthetic_cifar, tmp_path):
+    root = linked_dataset(synthetic_cifar, tmp_path / "short",
+                          {"data_batch_4.bin": records(9_999, seed=4)})
+    with pytest.raises(DataError, match="9,999 records, expected 10,000") as e:
+        load_split(root, "train")
+    assert os.path.join(root, "data_batch_4.bin") in str(e.value)
+    assert load_split(root, "test")[0].shape == (10_000, 3, 32, 32)  # the other split still loads
+
+
+# --- mean, normalisation, split ----------------------------------------------------------
+
+@pytest.mark.parametrize("count", [1, 20_001, 50_000])
+def test_per_pixel_mean_equals_float64_mean(synthetic_train, count):
+    images = synthetic_train[0][:count]
+    mean = per_pixel_mean(images)
+    assert mean.dtype == torch.float32 and mean.shape == (3, 32, 32)
+    expected = images.numpy().mean(0, dtype=np.float64).astype(np.float32)
+    np.testing.assert_allclose(mean.numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_normalize_subtracts_the_mean_without_uint8_wraparound():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 32, 32)
+    mean = torch.full((3, 32, 32), 100.25)
+    mean[1, 2, 3] = 7.0
+    out = normalize(images, mean)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
+    assert out[0, 0, 0, 0].item() == -100.25 and out[1, 0, 0, 0].item() == 154.75
+    assert out[1, 1, 2, 3].item() == 248.0
+    assert torch.equal(out, images.float() - mean)
+
+
+def test_train_val_split_holds_out_the_last_images():
+    labels = torch.arange(20)
+    images = labels.to(torch.uint8).view(20, 1, 1, 1).expand(20, 3, 32, 32)
+    (train_x, train_y), (val_x, val_y) = train_val_split(images, labels, 5)
+    assert train_y.tolist() == list(range(15)) and val_y.tolist() == list(range(15, 20))
+    assert torch.equal(train_x, images[:15]) and torch.equal(val_x, images[15:])
+    (again_x, again_y), _ = train_val_split(images, labels, 5)
+    assert torch.equal(again_x, train_x) and torch.equal(again_y, train_y)
+    (all_x, _), (none_x, _) = train_val_split(images, labels, 0)
+    assert len(all_x) == 20 and len(none_x) == 0
+
+
+# --- augmentation --------------------------------------------------------------------------
+
+def coordinate_images(count):
+    """R = row + 1, G = col + 1, B = a per-image tag; no zero anywhere."""
+    out = torch.empty(count, 3, 32, 32, dtype=torch.uint8)
+    out[:, 0] = torch.arange(1, 33, dtype=torch.uint8).view(32, 1)
+    out[:, 1] = torch.arange(1, 33, dtype=torch.uint8).view(1, 32)
+    out[:, 2] = (torch.arange(count) % 255 + 1).to(torch.uint8).view(count, 1, 1)
+    return out
+
+
+def recover_crops(out):
+    """(row offset, col offset, flipped) into the 40x40 padded image, read off the coordinates.
+
+    Output row 16 / col 16 always lies inside the image whatever the offsets (0..8)."""
+    rows = out[:, 0].amax(2).long()  # (B, 32): row + 1 of every output row, 0 in padding
+    cols = out[:, 1].amax(1).long()  # (B, 32): col + 1 (flipped or not), 0 in padding
+    flipped = cols[:, 17] < cols[:, 16]
+    row_offset = rows[:, 16] - 1 - 16 + 4
+    col_offset = torch.where(flipped, cols[:, 16] - 1 - 15 + 4, cols[:, 16] - 1 - 16 + 4)
+    return row_offset, col_offset, flipped
+
+
+def reference_augment(images, row_offset, col_offset, flipped):
+    padded = np.pad(images.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)))
+    out = np.empty_like(images.numpy())
+    for i in range(len(images)):
+        r, c = int(row_offset[i]), int(col_offset[i])
+        crop = padded[i, :, r:r + 32, c:c + 32]
+        out[i] = crop[:, :, ::-1] if flipped[i] else crop
+    return out
+
+
+def test_augment_output_is_a_padded_crop_or_its_mirror_with_uniform_offsets():
+    count = 4_500
+    images = coordinate_images(count)
+    original = images.clone()
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == (count, 3, 32, 32)
+    assert torch.equal(images, original)  # input untouched
+
+    row_offset, col_offset, flipped = recover_crops(out)
+    # every output image is exactly that window of the zero-padded image (so padding is zero)
+    np.testing.assert_array_equal(out.numpy(),
+                                  reference_augment(images, row_offset, col_offset, flipped))
+
+    expected = count / 9
+    for offsets in (row_offset, col_offset):
+        counts = torch.bincount(offsets, minlength=9)
+        assert len(counts) == 9 and counts.min() > 0  # 0 and 8 both occur, nothing else
+        chi_square = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi_square < 35, counts.tolist()  # 8 degrees of freedom
+    assert len(set(zip(row_offset.tolist(), col_offset.tolist()))) == 81
+    assert 0.45 < flipped.float().mean().item() < 0.55
+    padded_pixels = (out[:, 0] == 0).float().mean().item()  # about 1 - (32 - E|dx|)^2/32^2
+    assert 0.05 < padded_pixels < 0.2
+
+
+def test_augment_never_moves_content_out_of_place_for_random_images():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    tagged = coordinate_images(64)
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    out = augment(images, gen_a)
+    crops = recover_crops(augment(tagged, gen_b))  # same draws, so the same windows
+    np.testing.assert_array_equal(out.numpy(), reference_augment(images, *crops))
+
+
+def test_augment_is_reproducible_from_the_generator_seed():
+    images = coordinate_images(256)
+    a = augment(images, torch.Generator().manual_seed(7))
+    b = augment(images, torch.Generator().manual_seed(7))
+    c = augment(images, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_augment_draws_afresh_on_each_call():
+    images = coordinate_images(256)
+    generator = torch.Generator().manual_seed(7)
+    assert not torch.equal(augment(images, generator), augment(images, generator))
+
+
+# --- the real data set (skipped unless CIFAR10_DIR is set) ---------------------------------
+
+def test_real_cifar_has_50000_and_10000_images_balanced_over_classes(real_cifar):
+    train_images, train_labels = load_split(real_cifar, "train")
+    test_images, test_labels = load_split(real_cifar, "test")
+    assert train_images.shape == (50_000, 3, 32, 32) and test_images.shape == (10_000, 3, 32, 32)
+    assert torch.bincount(train_labels, minlength=10).tolist() == [5_000] * 10
+    assert torch.bincount(test_labels, minlength=10).tolist() == [1_000] * 10
+
+
+def test_real_cifar_training_channel_means(real_cifar):
+    images, _ = load_split(real_cifar, "train")
+    channel_mean = per_pixel_mean(images).mean((1, 2)).double()
+    assert channel_mean.tolist() == pytest.approx([125.307, 122.950, 113.865], abs=0.1)
+
+
+def test_real_cifar_loads_all_60000_images_in_well_under_a_second(real_cifar):
+    start = time.perf_counter()
+    train, _ = load_split(real_cifar, "train")
+    test, _ = load_split(real_cifar, "test")
+    elapsed = time.perf_counter() - start
+    print(f"loaded {len(train) + len(test):,} images in {elapsed:.3f} s")
+    assert len(train) + len(test) == 60_000
+    assert elapsed < 3.0
