@@ -9,6 +9,8 @@ from its checkpoint. Everything else is a flag; the defaults are the paper's.
 """
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import fcntl
 import hashlib
 import json
@@ -20,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import cifar_binary
@@ -131,6 +134,10 @@ def build_parser():
     ops.add_argument("--threads", type=positive_int, default=None,
                      help="CPU threads (default: all cores)")
     ops.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ops.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: BN statistics over the global batch, not per process")
+    ops.add_argument("--dist-timeout", type=positive_int, default=600,
+                     help="under torchrun: seconds a process waits for the others before failing")
     return p
 
 
@@ -141,7 +148,7 @@ def parse_args(argv=None):
         args.milestones = default_milestones(args.iters)
     if any(b <= a for a, b in zip(args.milestones, args.milestones[1:])):
         parser.error(f"--milestones must be strictly increasing, got {args.milestones}")
-    if args.milestones[-1] >= args.iters:
+    if args.milestones and args.milestones[-1] >= args.iters:
         parser.error(f"--milestones must be below --iters {args.iters}, got {args.milestones}")
     if args.val_size >= 50_000:
         parser.error(f"--val-size must leave training images (below 50000), got {args.val_size}")
@@ -154,6 +161,10 @@ def parse_args(argv=None):
             parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    world = World.from_environment()
+    if args.batch_size % world.size:
+        parser.error(f"--batch-size {args.batch_size} (the global batch) must divide evenly "
+                     f"among the {world.size} processes")
     args.name = args.name or default_name(args)
     return args
 
@@ -185,7 +196,9 @@ def default_name(args):
 
 def default_milestones(iters):
     """The paper's 32k/48k, or the same fractions (1/2, 3/4) of a shorter or longer schedule."""
-    return list(PAPER["milestones"]) if iters == PAPER["iters"] else [iters // 2, iters * 3 // 4]
+    if iters == PAPER["iters"]:
+        return list(PAPER["milestones"])
+    return sorted({iters // 2, iters * 3 // 4} - {0})  # a tiny schedule may have fewer
 
 
 # ---------------------------------------------------------------- schedule and data order
@@ -242,7 +255,24 @@ class BatchOrder:
         return iteration * self.batch_size / self.size
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------- one step, and evaluation
+
+def train_step(model, optimizer, images, labels, mean, generator, amp, shard=slice(None)):
+    """One SGD step on a uint8 batch (B, 3, 32, 32): augment, subtract the mean, forward,
+    backward, update. Under torchrun every process augments the whole global batch alike and
+    trains on its `shard` of it, so the images seen do not depend on the number of processes.
+    Returns the shard's mean loss and its number of errors, as device tensors: reading them
+    would wait for the device, so the caller does it once a window."""
+    x = cifar_binary.normalize(cifar_binary.augment(images, generator)[shard], mean)
+    labels = labels[shard]
+    with autocast(images.device, amp):
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) != labels).sum()
+
 
 def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -250,24 +280,28 @@ def autocast(device, amp):
 
 @torch.inference_mode()
 def evaluate(model, images, labels, mean, amp, batch_size=1000):
-    """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split."""
+    """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split.
+    Under torchrun each process takes every world-size-th image and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     device = images.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    wrong = torch.zeros(10, dtype=torch.int64, device=device)
-    for start in range(0, len(images), batch_size):
-        x = cifar_binary.normalize(images[start:start + batch_size], mean)
-        y = labels[start:start + batch_size]
+    sharded = dist.is_initialized()
+    mine = slice(dist.get_rank(), None, dist.get_world_size()) if sharded else slice(None)
+    sums = torch.zeros(11, dtype=torch.float64, device=device)  # errors per class, loss
+    for start in range(0, len(images[mine]), batch_size):
+        x = cifar_binary.normalize(images[mine][start:start + batch_size], mean)
+        y = labels[mine][start:start + batch_size]
         with autocast(device, amp):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        wrong += torch.bincount(y[logits.argmax(1) != y], minlength=10)
+        sums[:10] += torch.bincount(y[logits.argmax(1) != y], minlength=10)
+        sums[10] += F.cross_entropy(logits, y, reduction="sum")
+    if sharded:
+        dist.all_reduce(sums)
     model.train(was_training)
-    per_class = torch.bincount(labels, minlength=10)
-    return {"error": 100.0 * wrong.sum().item() / len(images),
-            "loss": loss_sum.item() / len(images),
-            "per_class_error": (100.0 * wrong / per_class.clamp_min(1)).tolist()}
+    wrong, loss_sum = sums[:10], sums[10].item()
+    per_class = torch.bincount(labels, minlength=10).clamp_min(1)
+    return {"error": 100.0 * wrong.sum().item() / len(images), "loss": loss_sum / len(images),
+            "per_class_error": (100.0 * wrong / per_class).tolist()}
 
 
 # ---------------------------------------------------------------- files
@@ -368,17 +402,27 @@ def run_folder(logdir, name, fresh):
 
 # ---------------------------------------------------------------- setup shared by train and test
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
+    return device
 
 
-def setup_machine(args):
-    device = pick_device(args.device)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+def setup_machine(args, world=None):
+    """The device, CPU threads (all cores, shared between the processes of a node) and, under
+    torchrun, the process group."""
+    world = world or World.from_environment()
+    device = pick_device(args.device, world.local_rank)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world.local_size))
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    if world.size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout))
     return device
 
 
@@ -398,80 +442,183 @@ def describe(config):
     return net if config["plain"] else f"{net} (option {config['shortcut']})"
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Where this process stands among those torchrun started; a lone process is rank 0 of 1."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @classmethod
+    def from_environment(cls):
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                   int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def from_rank_0(world, outcome):
+    """Rank 0's `outcome` on every rank (it decides about the run folder for all)."""
+    if world.size == 1:
+        return outcome
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm over the global batch for CPU processes, where nn.SyncBatchNorm has no
+    kernels: the batch mean and variance are all-reduced differentiably."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        x = x.float()
+        count = x.numel() // x.shape[1] * dist.get_world_size()
+        mean = all_reduce(x.sum((0, 2, 3))) / count
+        centered = x - mean[:, None, None]
+        var = all_reduce(centered.square().sum((0, 2, 3))) / count
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return centered * scale[:, None, None] + self.bias[:, None, None]
+
+
+def sync_batchnorm(module, device):
+    """Every BatchNorm2d of `module` normalised over all processes' batches (--sync-bn)."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced.to(device))
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+def check_ranks_agree(model, iteration):
+    """DDP keeps every rank's weights bit-identical; verify it before they are saved."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    sums = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, checksum)
+    if len({s.item() for s in sums}) > 1:
+        raise RunError(f"the processes' weights differ at iteration {iteration}; not saving them")
+
+
 # ---------------------------------------------------------------- train
 
+def open_run(folder, config):
+    """The checkpoint to resume from (None for a new run), after checking it is this run's."""
+    checkpoint_path = os.path.join(folder, "checkpoint.pt")
+    if not os.path.exists(checkpoint_path):
+        return None
+    state = load_checkpoint(checkpoint_path)
+    changed = {k: (state["config"].get(k), v) for k, v in config.items()
+               if state["config"].get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: run has {old}, command has {new}"
+                         for k, (old, new) in changed.items())
+        raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
+                       "use another --name, or --fresh to start over")
+    return state
+
+
 def train(args):
-    device = setup_machine(args)
+    world = World.from_environment()
+    device = setup_machine(args, world)
     config = {key: getattr(args, key) for key in EXPERIMENT_KEYS}
+    lead = world.rank == 0  # the process that writes the run folder
     images, labels = load_data(args, "train")
     test_images, test_labels = load_data(args, "test")
     (images, labels), (val_images, val_labels) = cifar_binary.train_val_split(
         images, labels, args.val_size)
     mean = cifar_binary.per_pixel_mean(images)  # of the training images in use
 
-    with run_folder(args.logdir, args.name, args.fresh) as folder:
+    with contextlib.ExitStack() as stack:
+        folder = os.path.join(args.logdir, args.name)
         checkpoint_path = os.path.join(folder, "checkpoint.pt")
-        state = load_checkpoint(checkpoint_path) if os.path.exists(checkpoint_path) else None
-        if state is not None:
-            changed = {k: (state["config"].get(k), v) for k, v in config.items()
-                       if state["config"].get(k) != v}
-            if changed:
-                diff = ", ".join(f"{k}: run has {old}, command has {new}"
-                                 for k, (old, new) in changed.items())
-                raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
-                               "use another --name, or --fresh to start over")
-            if state["iteration"] >= config["iters"] and os.path.exists(
-                    os.path.join(folder, "result.json")):
+        outcome = None
+        if lead:
+            try:
+                folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
+                outcome = ("resume", open_run(folder, config))
+            except RunError as e:
+                outcome = ("error", str(e))
+        kind, state = from_rank_0(world, outcome)
+        if kind == "error":
+            raise RunError(state)
+        if state is not None and state["iteration"] >= config["iters"] and os.path.exists(
+                os.path.join(folder, "result.json")):
+            if lead:
                 print(f"{folder}: already finished ({state['iteration']} iterations); "
                       f"--fresh starts it over")
-                return 0
-            mean = state["per_pixel_mean"]
-            print(f"resuming from iteration {state['iteration']}")
+            return 0
 
         torch.manual_seed(config["seed"])
         model = build_model(config, device)
+        if args.sync_bn and world.size > 1:
+            model = sync_batchnorm(model, device)
         params = count_parameters(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"],
                                     momentum=config["momentum"],
                                     weight_decay=config["weight_decay"], foreach=True)
         iteration, warmup_end, train_seconds = 0, None, 0.0
         window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
-        batch_count = torch.tensor(float(config["batch_size"]), dtype=torch.float64, device=device)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             iteration, warmup_end = state["iteration"], state["warmup_end"]
-            train_seconds = state["train_seconds"]
+            train_seconds, mean = state["train_seconds"], state["per_pixel_mean"]
             window = state["window"].to(device)
             torch.set_rng_state(state["rng"]["torch"])
+            if lead:
+                print(f"resuming from iteration {iteration}")
 
         run_info = {**config, "depth": 6 * config["n"] + 2, "params": params,
                     "name": args.name, "data_dir": os.path.abspath(args.data_dir),
                     "train_images": len(images), "eval_every": args.eval_every,
                     "ckpt_every": args.ckpt_every, "log_every": args.log_every,
-                    "compile": args.compile}
-        machine = {"device": str(device), "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "git_commit": git_commit(),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": iteration}
-        config_path = os.path.join(folder, "config.json")
-        if state is None or not os.path.exists(config_path):
-            write_json(config_path, {**run_info, "start": machine, "resumes": []})
-        else:
-            with open(config_path) as f:
-                saved = json.load(f)
-            saved["resumes"].append(machine)
-            write_json(config_path, saved)
-        print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
-              f"({len(val_images):,} held out), {device}, {torch.get_num_threads()} threads")
-        print(json.dumps(run_info, separators=(", ", ": ")))
-        print(f"run folder: {folder}  (tensorboard --logdir={args.logdir})")
+                    "compile": args.compile, "sync_bn": args.sync_bn}
+        machine = {"device": str(device), "processes": world.size,
+                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "iteration": iteration}
+        if lead:
+            config_path = os.path.join(folder, "config.json")
+            if state is None or not os.path.exists(config_path):
+                write_json(config_path, {**run_info, "start": machine, "resumes": []})
+            else:
+                with open(config_path) as f:
+                    saved = json.load(f)
+                saved["resumes"].append(machine)
+                write_json(config_path, saved)
+            print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
+                  f"({len(val_images):,} held out), {world.size} x {device}, "
+                  f"{torch.get_num_threads()} threads")
+            print(json.dumps(run_info, separators=(", ", ": ")))
+            print(f"run folder: {folder}  (tensorboard --logdir={args.logdir})")
 
         images, labels = images.to(device), labels.to(device)
         test_images, test_labels = test_images.to(device), test_labels.to(device)
         val_images, val_labels = val_images.to(device), val_labels.to(device)
         mean = mean.to(device)
-        step_model = torch.compile(model) if args.compile else model
+        step_model = model
+        if world.size > 1:
+            step_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None)
+        if args.compile:
+            step_model = torch.compile(step_model)
         order = BatchOrder(config["seed"], len(images), config["batch_size"], device)
+        per_rank = config["batch_size"] // world.size
+        shard = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
+        batch_count = torch.tensor(float(per_rank), dtype=torch.float64, device=device)
         augment_generator = torch.Generator(device=device)
         warming_up = uses_warmup(config) and warmup_end is None
 
@@ -480,57 +627,66 @@ def train(args):
             if not all(torch.isfinite(t).all() for t in weights):  # BN statistics included
                 raise RunError(f"weights are not finite at iteration {iteration} (training "
                                f"diverged); the last good checkpoint {checkpoint_path} is kept")
-            save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "iteration": iteration,
-                "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
-                "window": window.cpu(), "train_seconds": train_seconds,
-                "rng": {"torch": torch.get_rng_state()}})
+            if world.size > 1:
+                check_ranks_agree(model, iteration)
+            if lead:
+                save_checkpoint(checkpoint_path, {
+                    "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "iteration": iteration,
+                    "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
+                    "window": window.cpu(), "train_seconds": train_seconds,
+                    "rng": {"torch": torch.get_rng_state()}})
 
         def run_evaluation():
-            results = {"test": evaluate(step_model, test_images, test_labels, mean, config["amp"])}
+            if world.size > 1:  # rank 0's BN statistics, as saved, for every shard
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, src=0)
+            results = {"test": evaluate(model, test_images, test_labels, mean, config["amp"])}
             if len(val_images):
-                results["val"] = evaluate(step_model, val_images, val_labels, mean, config["amp"])
+                results["val"] = evaluate(model, val_images, val_labels, mean, config["amp"])
             for split, r in results.items():
-                writer.add_scalar(f"{split}/error", r["error"], iteration)
-                writer.add_scalar(f"{split}/loss", r["loss"], iteration)
+                log(f"{split}/error", r["error"])
+                log(f"{split}/loss", r["loss"])
             return results
 
-        stop = []
+        def log(tag, value):
+            if lead:
+                writer.add_scalar(tag, value, iteration)
+
+        signals = []
         def on_signal(signum, frame):
-            stop.append(signum)
+            signals.append(signum)
         previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
         from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
         from tqdm import tqdm
-        writer = SummaryWriter(folder, purge_step=iteration if iteration else None, flush_secs=30)
+        writer = SummaryWriter(folder, purge_step=iteration or None, flush_secs=30) if lead else None
         bar = tqdm(total=config["iters"], initial=iteration, dynamic_ncols=True, smoothing=0.05,
-                   disable=None)
+                   disable=None if lead else True)
         window_start = time.perf_counter()
+        stopping = False
         try:
-            while iteration < config["iters"] and not stop:
+            while iteration < config["iters"] and not stopping:
                 lr = lr_at(iteration, config["lr"], config["milestones"], warming_up)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = order(iteration)
                 augment_generator.manual_seed(derived_seed(config["seed"], "augment", iteration))
-                x = cifar_binary.normalize(cifar_binary.augment(images[batch], augment_generator),
-                                           mean).contiguous(memory_format=torch.channels_last)
-                y = labels[batch]
-                with autocast(device, config["amp"]):
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, wrong = train_step(step_model, optimizer, images[batch], labels[batch], mean,
+                                         augment_generator, config["amp"], shard)
+                window += torch.stack([loss.double() * batch_count, wrong.double(), batch_count])
                 iteration += 1
                 bar.update(1)
-                with torch.no_grad():
-                    window += torch.stack([loss.detach().double() * batch_count,
-                                           (logits.argmax(1) != y).sum().double(), batch_count])
+                # A lone process stops after any step; processes stop together after a window.
+                stopping = bool(signals) and world.size == 1
 
                 if iteration % args.log_every == 0 or iteration == config["iters"]:
-                    loss_sum, wrong, count = window.tolist()  # the only sync of a window
+                    totals = torch.cat([window, torch.tensor([float(bool(signals))], device=device,
+                                                             dtype=torch.float64)])
+                    if world.size > 1:
+                        dist.all_reduce(totals)
+                    loss_sum, wrong, count, signalled = totals.tolist()  # one sync a window
+                    stopping = signalled > 0
                     elapsed = time.perf_counter() - window_start
                     train_seconds += elapsed
                     if not math.isfinite(loss_sum):
@@ -539,58 +695,61 @@ def train(args):
                                        f"{checkpoint_path} is kept")
                     train_error = 100.0 * wrong / count
                     speed = count / elapsed if elapsed > 0 else 0.0
-                    writer.add_scalar("train/loss", loss_sum / count, iteration)
-                    writer.add_scalar("train/error", train_error, iteration)
-                    writer.add_scalar("lr", lr, iteration)
-                    writer.add_scalar("speed/images_per_second", speed, iteration)
+                    log("train/loss", loss_sum / count)
+                    log("train/error", train_error)
+                    log("lr", lr)
+                    log("speed/images_per_second", speed)
                     bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
                                     lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
                     window.zero_()
                     if warming_up and warmup_ends(iteration, train_error):
                         warming_up, warmup_end = False, iteration
-                        writer.add_scalar("warmup/ended_at", iteration, iteration)
+                        log("warmup/ended_at", iteration)
                         bar.write(f"warm-up ended at iteration {iteration} "
                                   f"(train error {train_error:.1f}%)")
                     window_start = time.perf_counter()
-                if iteration % args.eval_every == 0 and iteration < config["iters"]:
+                if iteration % args.eval_every == 0 and iteration < config["iters"] and not stopping:
                     results = run_evaluation()
                     bar.write(f"iter {iteration}: test error {results['test']['error']:.2f}%"
                               + (f", val error {results['val']['error']:.2f}%" if "val" in results
                                  else "") + f", epoch {order.epoch_of(iteration):.1f}")
                     window_start = time.perf_counter()
-                if iteration % args.ckpt_every == 0 or stop or iteration == config["iters"]:
+                if iteration % args.ckpt_every == 0 or stopping or iteration == config["iters"]:
                     checkpoint()
                     window_start = time.perf_counter()
         finally:
             bar.close()
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
-        if stop:
-            writer.close()
-            print(f"stopped by signal {stop[0]} at iteration {iteration}; checkpoint written, "
-                  "run the same command to resume", file=sys.stderr)
-            return 128 + stop[0]
+        if stopping:
+            if lead:
+                writer.close()
+                print(f"stopped by a signal at iteration {iteration}; checkpoint written, "
+                      "run the same command to resume", file=sys.stderr)
+            return 128 + (signals[0] if signals else signal.SIGTERM)
 
         results = run_evaluation()
-        writer.close()
-        result = {"test_error": results["test"]["error"], "test_loss": results["test"]["loss"],
-                  **({"val_error": results["val"]["error"]} if "val" in results else {}),
-                  "iterations": iteration, "depth": 6 * config["n"] + 2, "params": params,
-                  "plain": config["plain"], "shortcut": config["shortcut"],
-                  "seed": config["seed"], "amp": config["amp"], "warmup_end": warmup_end,
-                  "train_seconds": round(train_seconds, 1),
-                  "images_per_second": round(iteration * config["batch_size"] / train_seconds, 1)
-                  if train_seconds else None}
-        write_json(os.path.join(folder, "result.json"), result)
-        print(f"{describe(config)} after {iteration} iterations: "
-              f"test error {result['test_error']:.2f}%")
+        if lead:
+            writer.close()
+            result = {"test_error": results["test"]["error"],
+                      "test_loss": results["test"]["loss"],
+                      **({"val_error": results["val"]["error"]} if "val" in results else {}),
+                      "iterations": iteration, "depth": 6 * config["n"] + 2, "params": params,
+                      "plain": config["plain"], "shortcut": config["shortcut"],
+                      "seed": config["seed"], "amp": config["amp"], "warmup_end": warmup_end,
+                      "train_seconds": round(train_seconds, 1),
+                      "images_per_second": round(iteration * config["batch_size"] / train_seconds,
+                                                 1) if train_seconds else None}
+            write_json(os.path.join(folder, "result.json"), result)
+            print(f"{describe(config)} after {iteration} iterations: "
+                  f"test error {result['test_error']:.2f}%")
     return 0
 
 
 # ---------------------------------------------------------------- test
 
 def test(args):
-    device = setup_machine(args)
+    device = setup_machine(args, World())  # one process, even under torchrun
     path = args.checkpoint or os.path.join(args.logdir, args.name, "checkpoint.pt")
     state = load_checkpoint(path)
     config = state["config"]
@@ -625,11 +784,15 @@ def main(argv=None):
     try:
         return train(args) if args.mode == "train" else test(args)
     except (RunError, cifar_binary.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if World.from_environment().rank == 0:  # the other processes have the same message
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before training started: nothing to save
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
