@@ -9,6 +9,7 @@ from its checkpoint. Everything else is a flag; the defaults are the paper's.
 """
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import fcntl
@@ -53,38 +54,26 @@ class RunError(Exception):
 
 # ---------------------------------------------------------------- command line
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+def number_type(kind, lowest, inclusive=True):
+    """An argparse type: a finite `kind` (int or float) >= lowest (or > lowest)."""
+    noun = "whole number" if kind is int else "finite number"
+    bound = f"{'>=' if inclusive else '>'} {lowest:g}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {noun}, got {text!r}") from None
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected a {noun} {bound}, got {text}")
+        return value
+    return parse
 
 
-def positive_int(text):
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a whole number >= 1, got 0")
-    return value
-
-
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
-    return value
+non_negative_int = number_type(int, 0)
+positive_int = number_type(int, 1)
+non_negative_float = number_type(float, 0.0)
+positive_float = number_type(float, 0.0, inclusive=False)
 
 
 def build_parser():
@@ -279,12 +268,14 @@ def autocast(device, amp):
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, mean, amp, batch_size=1000):
+def evaluate(model, images, labels, mean, amp):
     """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split.
     Under torchrun each process takes every world-size-th image and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     device = images.device
+    # Measured: a CPU evaluates fastest with batches whose activations stay in its caches.
+    batch_size = 128 if device.type == "cpu" else 1000
     sharded = dist.is_initialized()
     mine = slice(dist.get_rank(), None, dist.get_world_size()) if sharded else slice(None)
     sums = torch.zeros(11, dtype=torch.float64, device=device)  # errors per class, loss
@@ -348,10 +339,22 @@ def load_checkpoint(path):
         raise RunError(f"{path}: not a readable checkpoint of this project ({reason}); move it "
                        "away, or pass --fresh to start the run over") from None
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
-            and {"model", "config", "iteration", "per_pixel_mean"} <= state.keys()):
+            and {"model", "config", "iteration", "per_pixel_mean"} <= state.keys()
+            and isinstance(state["config"], dict) and set(EXPERIMENT_KEYS) <= state["config"].keys()):
         raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
                        "model/config/iteration); pass --fresh to start the run over")
     return state
+
+
+@contextlib.contextmanager
+def checkpoint_must_fit(path, config):
+    """Turns a checkpoint whose contents do not fit its configuration into a RunError."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RunError(f"{path}: does not fit {describe(config)} ({reason}); move it away, or "
+                       "pass --fresh to start the run over") from None
 
 
 def git_commit():
@@ -397,6 +400,9 @@ def run_folder(logdir, name, fresh):
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
+        for name in os.listdir(folder):  # half-written by a process that died mid-write
+            if ".tmp-" in name:
+                os.remove(os.path.join(folder, name))
         yield folder
 
 
@@ -417,6 +423,8 @@ def setup_machine(args, world=None):
     world = world or World.from_environment()
     device = pick_device(args.device, world.local_rank)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
@@ -424,6 +432,38 @@ def setup_machine(args, world=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
     return device
+
+
+def training_memory(n, batch_size):
+    """A lower bound on the bytes training needs: per image, the two float32 maps autograd keeps
+    for each of the 6n 3x3 layers (conv output, ReLU output), plus weights, gradients, momentum."""
+    maps_per_block = 2 * 2 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)  # per block and stage
+    weights = 2 * 9 * (16 * 16 + 32 * 32 + 64 * 64) * n
+    return 4 * (batch_size * n * maps_per_block + 3 * weights)
+
+
+def available_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # unknown: no check
+
+
+def keep_freed_memory():
+    """Let glibc's malloc reuse freed activation buffers instead of returning them to the OS
+    and page-faulting them back in at every step (measured: ~8% faster CPU training)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large buffers come from the heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: and stay there once freed
 
 
 def load_data(args, split):
@@ -435,6 +475,15 @@ def load_data(args, split):
 def build_model(config, device):
     model = ResNet(config["n"], plain=config["plain"], shortcut=config["shortcut"])
     return model.to(device, memory_format=torch.channels_last)
+
+
+def build_optimizer(model, config):
+    return torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
+                           weight_decay=config["weight_decay"], foreach=True)
+
+
+def experiment_config(args):
+    return {key: getattr(args, key) for key in EXPERIMENT_KEYS}
 
 
 def describe(config):
@@ -533,8 +582,15 @@ def open_run(folder, config):
 def train(args):
     world = World.from_environment()
     device = setup_machine(args, world)
-    config = {key: getattr(args, key) for key in EXPERIMENT_KEYS}
+    config = experiment_config(args)
     lead = world.rank == 0  # the process that writes the run folder
+    needed = training_memory(config["n"], config["batch_size"] // world.size)
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise RunError(f"N={config['n']} (depth {6 * config['n'] + 2}) needs at least "
+                       f"{needed / 2**30:.1f} GiB to train with batches of "
+                       f"{config['batch_size'] // world.size} on {device}, but {available / 2**30:.1f} "
+                       "GiB is available; use a smaller N, or more processes")
     images, labels = load_data(args, "train")
     test_images, test_labels = load_data(args, "test")
     (images, labels), (val_images, val_labels) = cifar_binary.train_val_split(
@@ -548,17 +604,20 @@ def train(args):
         if lead:
             try:
                 folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
-                outcome = ("resume", open_run(folder, config))
+                state = open_run(folder, config)
+                outcome = ("resume", state)
+                if state is not None and state["iteration"] >= config["iters"] and \
+                        os.path.exists(os.path.join(folder, "result.json")):
+                    outcome = ("finished", f"{folder}: already finished ({state['iteration']} "
+                                           "iterations); --fresh starts it over")
             except RunError as e:
                 outcome = ("error", str(e))
         kind, state = from_rank_0(world, outcome)
         if kind == "error":
             raise RunError(state)
-        if state is not None and state["iteration"] >= config["iters"] and os.path.exists(
-                os.path.join(folder, "result.json")):
+        if kind == "finished":
             if lead:
-                print(f"{folder}: already finished ({state['iteration']} iterations); "
-                      f"--fresh starts it over")
+                print(state)
             return 0
 
         torch.manual_seed(config["seed"])
@@ -566,18 +625,17 @@ def train(args):
         if args.sync_bn and world.size > 1:
             model = sync_batchnorm(model, device)
         params = count_parameters(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"],
-                                    momentum=config["momentum"],
-                                    weight_decay=config["weight_decay"], foreach=True)
+        optimizer = build_optimizer(model, config)
         iteration, warmup_end, train_seconds = 0, None, 0.0
         window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            iteration, warmup_end = state["iteration"], state["warmup_end"]
-            train_seconds, mean = state["train_seconds"], state["per_pixel_mean"]
-            window = state["window"].to(device)
-            torch.set_rng_state(state["rng"]["torch"])
+            with checkpoint_must_fit(checkpoint_path, config):
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                iteration, warmup_end = int(state["iteration"]), state["warmup_end"]
+                train_seconds, mean = float(state["train_seconds"]), state["per_pixel_mean"]
+                window = state["window"].to(device, torch.float64).reshape(3)
+                torch.set_rng_state(state["rng"]["torch"])
             if lead:
                 print(f"resuming from iteration {iteration}")
 
@@ -758,7 +816,8 @@ def test(args):
         raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
                        f"{describe(asked)}; pass the matching N/--plain/--shortcut")
     model = build_model(config, device)
-    model.load_state_dict(state["model"])
+    with checkpoint_must_fit(path, config):
+        model.load_state_dict(state["model"])
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:

@@ -264,3 +264,11 @@ def test_bad_ylim_is_a_usage_error(capsys):
         plot_curves.main(["--ylim", "20", "0"])
     assert raised.value.code == 2
     assert "--ylim: expected two finite numbers LO < HI" in capsys.readouterr().err
+
+
+def test_restated_recipe_matches_run_py():
+    import run
+    assert plot_curves.CONFIG_KEYS == tuple(k for k in run.EXPERIMENT_KEYS if k != "seed")
+    defaults = run.parse_args(["3", "train"])
+    assert {k: getattr(defaults, k) for k in plot_curves.PAPER_RECIPE} == plot_curves.PAPER_RECIPE
+    assert plot_curves.PAPER_SCHEDULE == (run.PAPER["iters"], run.PAPER["milestones"])

@@ -1,0 +1,381 @@
+"""Training and evaluation speed of the Section 4.2 ResNets (He et al. 2015) on the device at
+hand: run.py's own pipeline against a reference written the way the popular reproductions do it.
+
+    python bench.py                                  # ResNet-20 and -56, fp32 and bf16
+    python bench.py --depths 20 --precisions fp32 --compile --windows 3
+
+Ours is run.py's code path, called, not copied: the data set as one uint8 tensor on the device,
+`cifar_binary.augment`/`normalize` on whole batches, `run.BatchOrder`, `run.train_step` on the
+channels_last model of `run.build_model` with foreach SGD, bf16 through `--amp bf16`, and
+`run.evaluate` (batches of 1000, on the uncompiled model as train() does). The reference, in
+the same process and on the same images: a torchvision-style Dataset that makes a PIL image per
+item, RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize per image, a
+DataLoader (batch 128, shuffled, `--workers` processes), the same ResNet in NCHW float32,
+torch.optim.SGD (momentum 0.9, weight decay 1e-4, its default implementation), and an
+evaluation loop over a DataLoader of batch 128 (worker start-up timed: each evaluation pays it).
+
+Training speed is images/s after `--warmup` discarded steps, the median of `--windows` windows of
+`--steps` steps, each window closed by a device synchronisation before the clock is read;
+evaluation is excluded. Evaluation speed is one timed pass over `--eval-images` test images,
+after a warm-up pass. Printed: the machine, torch version and date, one markdown table, the time
+to load the 60,000 images, and the augmentation's share of a training step.
+"""
+import argparse
+import collections
+import itertools
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+
+import cifar_binary
+import run
+from resnet import ResNet
+
+BATCH = 128  # the paper's, and both pipelines'
+# CIFAR-10's channel statistics as the popular repos hard-code them; the values cost nothing.
+CHANNEL_MEAN, CHANNEL_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+AMP = {"fp32": "none", "bf16": "bf16"}  # --precisions name -> run.py --amp
+
+Data = collections.namedtuple(
+    "Data", "images labels test_images test_labels mean source load_seconds")
+Pipeline = collections.namedtuple("Pipeline", "step evaluate close")
+Row = collections.namedtuple("Row", "depth pipeline train_ips step_seconds speedup gflops eval_ips")
+
+
+def depth_type(text):
+    depth = run.positive_int(text)
+    if depth < 8 or (depth - 2) % 6:
+        raise argparse.ArgumentTypeError(f"expected a depth 6n+2 >= 8 (20, 32, 44, 56, 110), "
+                                         f"got {depth}")
+    return depth
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Training/evaluation throughput of run.py against a "
+                                "torchvision DataLoader reference (He et al. 2015, Sec. 4.2).")
+    p.add_argument("--depths", type=depth_type, nargs="+", default=[20, 56], help="6n+2 each")
+    p.add_argument("--precisions", nargs="+", choices=tuple(AMP), default=["fp32", "bf16"],
+                   help="of ours; bf16 is run.py --amp bf16 (the reference is always fp32)")
+    p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
+    p.add_argument("--warmup", type=run.non_negative_int, default=10, help="discarded steps")
+    p.add_argument("--windows", type=run.positive_int, default=5,
+                   help="timed windows; their median is reported")
+    p.add_argument("--steps", type=run.positive_int, default=20, help="steps per window")
+    p.add_argument("--eval-images", type=run.positive_int, default=10_000,
+                   help="test images of the timed evaluation pass")
+    p.add_argument("--workers", type=run.non_negative_int, default=2,
+                   help="DataLoader processes of the reference (the popular repos use 2-4)")
+    p.add_argument("--no-reference", action="store_true", help="measure ours only")
+    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR") or
+                   os.path.join("data", "cifar-10-batches-bin"),
+                   help="binary CIFAR-10 (default: $CIFAR10_DIR, else %(default)s); "
+                        "random images if the folder does not exist")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=run.positive_int, default=None,
+                   help="CPU threads of both pipelines (default: all cores)")
+    return p
+
+
+# ---------------------------------------------------------------- data
+
+def load_data(data_dir):
+    """Train and test splits as uint8 tensors on the CPU, the real ones if `data_dir` exists."""
+    if os.path.isdir(data_dir):
+        start = time.perf_counter()
+        images, labels = cifar_binary.load_split(data_dir, "train")
+        test_images, test_labels = cifar_binary.load_split(data_dir, "test")
+        seconds = time.perf_counter() - start
+        source = f"CIFAR-10 from {os.path.abspath(data_dir)}"
+    else:  # speed does not depend on the pixels, so the benchmark still means something
+        g = torch.Generator().manual_seed(0)
+        images, test_images = (torch.randint(0, 256, (k, 3, 32, 32), dtype=torch.uint8,
+                                             generator=g) for k in (50_000, 10_000))
+        labels, test_labels = (torch.randint(0, 10, (k,), generator=g) for k in (50_000, 10_000))
+        seconds = None
+        source = f"SYNTHETIC random images ({data_dir} not found; same shapes, same speed)"
+    return Data(images, labels, test_images, test_labels, cifar_binary.per_pixel_mean(images),
+                source, seconds)
+
+
+# ---------------------------------------------------------------- the two pipelines
+
+def ours(depth, precision, compile_model, data, device):
+    """run.py's training iteration and evaluation, with run.py's default (the paper's) recipe."""
+    args = run.parse_args([str((depth - 2) // 6), "train", "--amp", AMP[precision]])
+    config = run.experiment_config(args)
+    torch.manual_seed(config["seed"])
+    model = run.build_model(config, device)
+    optimizer = run.build_optimizer(model, config)
+    if compile_model:  # start afresh, as a run.py process does; earlier pipelines' graphs
+        torch.compiler.reset()  # would otherwise count towards dynamo's recompile limit
+    step_model = torch.compile(model) if compile_model else model
+    images, labels = data.images.to(device), data.labels.to(device)
+    test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
+    mean = data.mean.to(device)
+    order = run.BatchOrder(config["seed"], len(images), config["batch_size"], device)
+    generator = torch.Generator(device=device)
+    iterations = itertools.count()
+
+    def step():
+        iteration = next(iterations)
+        batch = order(iteration)
+        generator.manual_seed(run.derived_seed(config["seed"], "augment", iteration))
+        run.train_step(step_model, optimizer, images[batch], labels[batch], mean, generator,
+                       config["amp"])
+        return len(batch)
+
+    def evaluate(count):  # the uncompiled model, as train() evaluates
+        run.evaluate(model, test_images[:count], test_labels[:count], mean, config["amp"])
+
+    return Pipeline(step, evaluate, lambda: None)
+
+
+class ReferenceCIFAR10(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a PIL image from a HWC uint8 array."""
+
+    def __init__(self, images, labels, transform):
+        self.data = images.numpy().transpose(0, 2, 3, 1)  # (N, 32, 32, 3), as torchvision keeps it
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
+
+
+def endless(loader):
+    """Batches of epoch after epoch, a fresh DataLoader iterator per epoch as in the popular
+    loops (`for epoch ...: for x, y in loader`); close() shuts the workers down."""
+    while True:
+        yield from loader
+
+
+def reference(depth, data, workers, device):
+    normalize = transforms.Normalize(CHANNEL_MEAN, CHANNEL_STD)
+    train_set = ReferenceCIFAR10(data.images, data.labels, transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalize]))
+    test_set = ReferenceCIFAR10(data.test_images, data.test_labels,
+                                transforms.Compose([transforms.ToTensor(), normalize]))
+    loader_options = dict(batch_size=BATCH, num_workers=workers, pin_memory=device.type == "cuda")
+    batches = endless(DataLoader(train_set, shuffle=True, **loader_options))
+    torch.manual_seed(0)
+    model = ResNet((depth - 2) // 6).to(device)
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return len(y)
+
+    def evaluate(count):
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in DataLoader(Subset(test_set, range(count)), **loader_options):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                correct += (model(x).argmax(1) == y).sum().item()  # timed as the repos do it
+        model.train()
+
+    return Pipeline(step, evaluate, batches.close)
+
+
+# ---------------------------------------------------------------- measurements
+
+def wait(device):
+    """Return once the device has run everything queued (CPU ops are already synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_speed(step, args, device):
+    """(median images/s, median seconds per step) over the timed windows, after the warm-up
+    (allocations, oneDNN primitives, DataLoader start-up, compilation)."""
+    for _ in range(args.warmup):
+        step()
+    wait(device)
+    rates, step_seconds = [], []
+    for _ in range(args.windows):
+        start, images = time.perf_counter(), 0
+        for _ in range(args.steps):
+            images += step()
+        wait(device)
+        seconds = time.perf_counter() - start
+        rates.append(images / seconds)
+        step_seconds.append(seconds / args.steps)
+    return statistics.median(rates), statistics.median(step_seconds)
+
+
+def eval_speed(evaluate, count, device):
+    """Images/s of one evaluation pass over `count` test images, after a warm-up pass."""
+    evaluate(min(count, 1000))  # 1000: run.evaluate's batch
+    wait(device)
+    start = time.perf_counter()
+    evaluate(count)
+    wait(device)
+    return count / (time.perf_counter() - start)
+
+
+def augmentation_seconds(data, device, reps=50):
+    """Median time of cifar_binary.augment + normalize on one batch, as train_step does them."""
+    images, mean = data.images[:BATCH].to(device), data.mean.to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        cifar_binary.normalize(cifar_binary.augment(images, generator), mean)
+        wait(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_macs(depth):
+    """Multiply-accumulates of one image's forward pass through every conv and linear layer
+    (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
+    model = ResNet((depth - 2) // 6).eval()
+    macs = []
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
+        else:
+            macs.append(output.numel() * module.in_features)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    return sum(macs)
+
+
+def variants(args):
+    """(label, precision of ours or None for the reference, compiled), in table order."""
+    out = [] if args.no_reference else [("reference fp32", None, False)]
+    out += [(f"ours {p}", p, False) for p in args.precisions]
+    if args.compile:
+        out += [(f"ours {p}+compile", p, True) for p in args.precisions]
+    return out
+
+
+def benchmark(args, data, device):
+    """One Row per depth and pipeline; each pipeline is built, measured and shut down in turn,
+    so only one of them uses the cores at a time."""
+    rows = []
+    for depth in args.depths:
+        macs, reference_ips = forward_macs(depth), None
+        for label, precision, compiled in variants(args):
+            print(f"measuring ResNet-{depth} {label}", file=sys.stderr, flush=True)
+            pipeline = (reference(depth, data, args.workers, device) if precision is None
+                        else ours(depth, precision, compiled, data, device))
+            try:
+                train_ips, step_seconds = train_speed(pipeline.step, args, device)
+                eval_ips = eval_speed(pipeline.evaluate, min(args.eval_images,
+                                                             len(data.test_images)), device)
+            finally:
+                pipeline.close()
+            if precision is None:
+                reference_ips = train_ips
+            rows.append(Row(depth, label, train_ips, step_seconds,
+                            train_ips / reference_ips if reference_ips else None,
+                            3 * 2 * macs * train_ips / 1e9,  # backward ~ 2x forward
+                            eval_ips))
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def cpu_description():
+    """Model name and the vector units that matter for fp32/bf16, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {key.strip(): value.strip()
+                    for key, value in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_bf16", "AMX-BF16")) if flag in flags]
+    name = info.get("model name", platform.machine())
+    return f"{name} ({', '.join(units)})" if units else name
+
+
+def header(args, argv, data, device):
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return "\n".join([
+        "## bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
+        f"- machine: {cpu_description()}, {os.cpu_count()} cores, {platform.platform()}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"device {device}{gpu}, threads: {torch.get_num_threads()} for both pipelines, "
+        f"git {run.git_commit()}",
+        "- reference: not measured (--no-reference)" if args.no_reference else
+        f"- reference: DataLoader with {args.workers} worker processes" + (
+            ", which share the cores with the model as they do in the popular repos"
+            if args.workers else " (images decoded in the training process)"),
+        f"- data: {data.source}",
+        f"- timing: batch {BATCH}, warm-up {args.warmup} steps, then the median of "
+        f"{args.windows} windows of {args.steps} steps; evaluation: one pass over "
+        f"{min(args.eval_images, len(data.test_images)):,} test images",
+        f"- command: {shlex.join(['python', 'bench.py', *argv])}",
+    ])
+
+
+COLUMNS = ("depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
+           "eval img/s")
+
+
+def table(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+        lines.append(f"| {r.depth} | {r.pipeline} | {r.train_ips:,.0f} | {speedup} | "
+                     f"{r.gflops:.1f} | {r.eval_ips:,.0f} |")
+    return "\n".join(lines)
+
+
+def data_lines(data, augment_seconds, rows):
+    load = (f"{len(data.images) + len(data.test_images):,} images in {data.load_seconds:.2f} s "
+            "(cifar_binary.load_split, train + test)" if data.load_seconds is not None
+            else "not measured (synthetic images)")
+    shares = ", ".join(f"ResNet-{r.depth} {r.pipeline} {augment_seconds / r.step_seconds:.1%}"
+                       for r in rows if r.pipeline.startswith("ours"))
+    return "\n".join([
+        f"- data load: {load}",
+        f"- augmentation (augment + normalize, batch {BATCH}): {1e3 * augment_seconds:.2f} ms, "
+        f"as a share of a training step: {shares} (target: under 3%)",
+    ])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    device = run.setup_machine(args)
+    data = load_data(args.data_dir)
+    rows = benchmark(args, data, device)
+    print(header(args, argv, data, device), table(rows), data_lines(
+        data, augmentation_seconds(data, device), rows), sep="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""bench.py: a tiny run prints a well-formed report; the MAC counter matches the published
+figures. No timing is asserted: speeds depend on the machine and its load."""
+import pytest
+import torch
+
+import bench
+
+# Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc).
+PUBLISHED_MACS = {20: 40.55e6, 56: 125.49e6}
+COLUMNS = ["depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
+           "eval img/s"]
+
+
+@pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
+def test_mac_counter_gives_the_published_figures(depth):
+    assert bench.forward_macs(depth) == pytest.approx(PUBLISHED_MACS[depth], abs=0.1e6)
+
+
+def test_depths_must_be_6n_plus_2():
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--depths", "21"])
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def number(cell):
+    return float(cell.replace(",", "").removesuffix("x"))
+
+
+def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, capsys,
+                                                                   restore_threads):
+    argv = ["--depths", "8", "--precisions", "fp32", "bf16", "--warmup", "1", "--windows", "2",
+            "--steps", "2", "--eval-images", "64", "--workers", "0", "--threads", "1",
+            "--data-dir", str(tmp_path / "absent")]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+
+    assert "SYNTHETIC" in out
+    assert f"- command: python bench.py {' '.join(argv)}" in out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
+    assert set(table[1].strip("|").split("|")) == {"---"}
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("8", "reference fp32"), ("8", "ours fp32"),
+                                            ("8", "ours bf16")]
+    for r in rows:
+        assert r[3].endswith("x")
+        assert all(number(cell) > 0 for cell in r[2:])
+    assert number(rows[0][3]) == 1.0
+    assert "- data load: not measured (synthetic images)" in out
+    assert "ResNet-8 ours fp32" in out and "ResNet-8 ours bf16" in out  # augmentation shares
