@@ -322,7 +322,7 @@ def cpu_description():
 def header(args, argv, data, device):
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     return "\n".join([
-        "## bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10",
+        "**bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10**",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
         f"- machine: {cpu_description()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
