@@ -798,6 +798,9 @@ def train(args):
                       "train_seconds": round(train_seconds, 1),
                       "images_per_second": round(iteration * config["batch_size"] / train_seconds,
                                                  1) if train_seconds else None}
+            save_checkpoint(os.path.join(folder, "model.pt"), {  # the final weights, to share
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "iteration": iteration,
+                "per_pixel_mean": mean.cpu(), "config": config})
             write_json(os.path.join(folder, "result.json"), result)
             print(f"{describe(config)} after {iteration} iterations: "
                   f"test error {result['test_error']:.2f}%")

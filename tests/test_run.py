@@ -143,7 +143,7 @@ def finished_run(synthetic_cifar, tmp_path_factory):
 
 def test_a_run_folder_holds_config_checkpoint_events_and_result(finished_run):
     files = os.listdir(finished_run)
-    assert {"config.json", "checkpoint.pt", "result.json"} <= set(files)
+    assert {"config.json", "checkpoint.pt", "model.pt", "result.json"} <= set(files)
     assert any(f.startswith("events.out.tfevents") for f in files)
     assert not any(".tmp-" in f for f in files)
     with open(os.path.join(finished_run, "config.json")) as f:
@@ -163,6 +163,16 @@ def test_checkpoint_loads_weights_only_without_wrapper_prefixes(finished_run):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     model = run.build_model(state["config"], torch.device("cpu"))
     model.load_state_dict(state["model"])
+
+
+def test_final_weights_evaluate_alone_to_the_runs_test_error(finished_run, synthetic_cifar,
+                                                             capsys):
+    model_path = os.path.join(finished_run, "model.pt")
+    assert "optimizer" not in torch.load(model_path, weights_only=True)
+    assert run.main(["1", "test", "--checkpoint", model_path, "--data-dir", synthetic_cifar]) == 0
+    with open(os.path.join(finished_run, "result.json")) as f:
+        expected = json.load(f)["test_error"]
+    assert f"test error {expected:.2f}%" in capsys.readouterr().out
 
 
 def test_event_files_hold_the_curves_by_iteration(finished_run):
