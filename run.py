@@ -139,6 +139,8 @@ def parse_args(argv=None):
         parser.error(f"--milestones must be strictly increasing, got {args.milestones}")
     if args.milestones and args.milestones[-1] >= args.iters:
         parser.error(f"--milestones must be below --iters {args.iters}, got {args.milestones}")
+    if args.seed >= 2 ** 64:  # torch.manual_seed's range
+        parser.error(f"--seed must be below 2**64, got {args.seed}")
     if args.val_size >= 50_000:
         parser.error(f"--val-size must leave training images (below 50000), got {args.val_size}")
     if args.name is not None and (not args.name or os.sep in args.name or args.name.startswith(".")):
@@ -147,6 +149,8 @@ def parse_args(argv=None):
         try:
             device = torch.device(args.device)
         except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):  # meta, mps...: not supported
             parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
@@ -324,8 +328,11 @@ def atomic_write(path, write):
 def save_checkpoint(path, state):
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as e:
-        raise RunError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous "
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else e.__context__  # torch wraps the file's OSError
+        if not isinstance(cause, OSError):
+            raise
+        raise RunError(f"{path}: cannot write checkpoint ({cause.strerror or cause}); the previous "
                        "checkpoint is intact") from None
 
 
@@ -340,9 +347,12 @@ def load_checkpoint(path):
                        "away, or pass --fresh to start the run over") from None
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
             and {"model", "config", "iteration", "per_pixel_mean"} <= state.keys()
-            and isinstance(state["config"], dict) and set(EXPERIMENT_KEYS) <= state["config"].keys()):
+            and isinstance(state["config"], dict) and set(EXPERIMENT_KEYS) <= state["config"].keys()
+            and type(state["iteration"]) is int and state["iteration"] >= 0
+            and isinstance(state["per_pixel_mean"], torch.Tensor)
+            and state["per_pixel_mean"].shape == (3, 32, 32)):
         raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
-                       "model/config/iteration); pass --fresh to start the run over")
+                       "model/config/iteration/per-pixel mean); pass --fresh to start the run over")
     return state
 
 
@@ -362,7 +372,8 @@ def git_commit():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain",
+                                "--untracked-files=no"],
                                cwd=here, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -445,14 +456,15 @@ def training_memory(n, batch_size):
 def available_memory(device):
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
+    limits = []
+    with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None  # unknown: no check
+            limits += [int(line.split()[1]) * 1024 for line in f
+                       if line.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limits.append(int(f.read()) - int(g.read()))  # "max" (no limit) fails int()
+    return min(limits, default=None)  # None: unknown, no check
 
 
 def keep_freed_memory():
@@ -632,6 +644,11 @@ def train(args):
             with checkpoint_must_fit(checkpoint_path, config):
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
+                for param, saved in optimizer.state.items():  # torch checks no shapes here
+                    buffer = saved.get("momentum_buffer")
+                    if buffer is not None and buffer.shape != param.shape:
+                        raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for "
+                                         f"a parameter of shape {tuple(param.shape)}")
                 iteration, warmup_end = int(state["iteration"]), state["warmup_end"]
                 train_seconds, mean = float(state["train_seconds"]), state["per_pixel_mean"]
                 window = state["window"].to(device, torch.float64).reshape(3)
@@ -845,7 +862,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args) if args.mode == "train" else test(args)
-    except (RunError, cifar_binary.DataError) as e:
+    except (RunError, cifar_binary.DataError, OSError) as e:  # OSError: a file we write
         if World.from_environment().rank == 0:  # the other processes have the same message
             print(f"error: {e}", file=sys.stderr)
         return 1

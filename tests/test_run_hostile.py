@@ -1,0 +1,523 @@
+"""run.py against hostile input: damaged, foreign and booby-trapped checkpoints, checkpoint writes
+cut short, repeated kill -9, bad flag values, unusable run folders, two runs on one folder.
+
+Every outcome is either a correct run or a one-line error (exit 2 for usage errors, 1 at run
+time) that names the culprit: never a traceback, never a lost or overwritten good checkpoint."""
+import contextlib
+import copy
+import io
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run
+from conftest import ROOT
+from resnet import ResNet
+from test_run import assert_same_state, checkpoint_of
+
+ITERS = 24  # the lr drops at 12 and 18, so resumed runs cross both
+FLAGS = ["--iters", str(ITERS), "--log-every", "4", "--ckpt-every", "4", "--eval-every", "1000",
+         "--threads", "2"]
+NAME = f"resnet8-iters{ITERS}"
+STOP_AT = 10  # where the stopped run's checkpoint is: between two --ckpt-every checkpoints
+FILE_SIZE_LIMIT = 200_000  # bytes: above config.json and the event file, below a checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_git_index_lock():
+    """run.py records `git status`; a git killed with it must not leave the repo's index locked."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GIT_OPTIONAL_LOCKS", "0")
+        yield
+
+
+def train(data, logdir, *extra):
+    return run.main(["1", "train", "--data-dir", data, "--logdir", str(logdir), *FLAGS, *extra])
+
+
+def command(*argv, setup=None):
+    """run.py's command line; with `setup` (limits, signal dispositions), code the fresh
+    interpreter runs first, before it runs run.py as its main script."""
+    script = os.path.join(ROOT, "run.py")
+    if setup is None:
+        return [sys.executable, script, *map(str, argv)]
+    code = (f"import resource, runpy, signal, sys\n{setup}\nsys.path.insert(0, {ROOT!r})\n"
+            "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code, script, *map(str, argv)]
+
+
+def start(data, logdir, *extra, setup=None):
+    return subprocess.Popen(command("1", "train", "--data-dir", data, "--logdir", logdir, *FLAGS,
+                                    *extra, setup=setup),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def one_line_error(err):
+    """The error, after checking it is all there is on stderr."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def usage_error(err):
+    """argparse's complaint: its usage block, then one line `<prog>: error: ...`."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[0].startswith("usage: "), err
+    assert ": error: " in lines[-1], err
+    return lines[-1]
+
+
+def iteration_in(folder):
+    path = os.path.join(folder, "checkpoint.pt")
+    return torch.load(path, weights_only=True)["iteration"] if os.path.exists(path) else 0
+
+
+def no_leftovers(folder):
+    return not any(".tmp-" in name for name in os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_cifar, tmp_path_factory):
+    """The final checkpoint of an uninterrupted run: every interrupted one must end bit-equal."""
+    logdir = tmp_path_factory.mktemp("reference")
+    assert train(synthetic_cifar, logdir) == 0
+    return checkpoint_of(logdir / NAME)
+
+
+@contextlib.contextmanager
+def sigterm_after(steps):
+    """In-process runs get SIGTERM in their step number `steps`: they checkpoint and stop there,
+    without the final evaluation."""
+    real_step, done = run.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        done.append(1)
+        if len(done) == steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by run.py: the step completes
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "train_step", step_then_sigterm)
+        yield
+
+
+@pytest.fixture(scope="module")
+def stopped(synthetic_cifar, tmp_path_factory):
+    """A run folder whose checkpoint is at iteration STOP_AT, as SIGTERM leaves it: copy it."""
+    logdir = tmp_path_factory.mktemp("stopped")
+    with sigterm_after(STOP_AT):
+        assert train(synthetic_cifar, logdir) == 128 + signal.SIGTERM
+    assert iteration_in(logdir / NAME) == STOP_AT
+    return logdir / NAME
+
+
+@pytest.fixture(scope="module")
+def good(stopped):
+    """The stopped run's checkpoint, as a state and as bytes: material for damaged copies."""
+    raw = (stopped / "checkpoint.pt").read_bytes()
+    return torch.load(io.BytesIO(raw), weights_only=True), raw
+
+
+# ---------------------------------------------------------------- damaged and foreign checkpoints
+
+def saved(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def with_model(edit):
+    return lambda state, raw: saved({**state, "model": edit(dict(state["model"]))})
+
+
+def with_momentum_of_another_shape(state, raw):
+    optimizer = copy.deepcopy(state["optimizer"])
+    optimizer["state"][0]["momentum_buffer"] = torch.zeros(7)
+    return saved({**state, "optimizer": optimizer})
+
+
+def optimizer_of(model, state):
+    return run.build_optimizer(model, state["config"]).state_dict()
+
+
+NOISE = random.Random(0).randbytes(1 << 20)
+UNREADABLE = {  # torch.load(weights_only=True) fails
+    "zero-bytes": lambda state, raw: b"",
+    "first-100-bytes": lambda state, raw: raw[:100],
+    "truncated-to-half": lambda state, raw: raw[:len(raw) // 2],
+    "last-byte-missing": lambda state, raw: raw[:-1],
+    "random-bytes": lambda state, raw: NOISE[:len(raw)],
+    "zip-signature-then-random-bytes": lambda state, raw: b"PK\x03\x04" + NOISE[:len(raw)],
+    "torch-save-of-the-whole-model": lambda state, raw: saved(ResNet(1)),
+}
+FOREIGN = {  # loads, but is not a checkpoint of this project
+    "a-plain-tensor": lambda state, raw: saved(torch.zeros(3, 32, 32)),
+    "a-list-holding-a-checkpoint": lambda state, raw: saved([state]),
+    "another-format-number": lambda state, raw: saved({**state, "format": 2}),
+    "no-weights": lambda state, raw: saved({k: v for k, v in state.items() if k != "model"}),
+    "config-not-a-dict": lambda state, raw: saved({**state, "config": "n=1"}),
+    "config-without-seed": lambda state, raw: saved(
+        {**state, "config": {k: v for k, v in state["config"].items() if k != "seed"}}),
+    "iteration-not-a-whole-number": lambda state, raw: saved({**state, "iteration": "10"}),
+    "negative-iteration": lambda state, raw: saved({**state, "iteration": -4}),
+    "per-pixel-mean-of-another-shape": lambda state, raw: saved(
+        {**state, "per_pixel_mean": state["per_pixel_mean"][0]}),
+}
+MISFITS = {  # this project's format, configuration N=1, contents of another network
+    "weights-of-resnet14": with_model(lambda model: ResNet(2).state_dict()),
+    "weights-of-option-B": with_model(lambda model: ResNet(1, shortcut="B").state_dict()),
+    "a-weight-missing": with_model(lambda model: dict(list(model.items())[1:])),
+    "an-extra-weight": with_model(lambda model: {**model, "extra.weight": torch.zeros(3)}),
+    "a-weight-of-another-shape": with_model(
+        lambda model: {**model, "fc.weight": model["fc.weight"].t()}),
+    "weights-not-a-dict": lambda state, raw: saved({**state, "model": torch.zeros(3)}),
+}
+MISFITS_IN_TRAINING = {  # parts that only training reads
+    "optimizer-of-resnet14": lambda state, raw: saved(
+        {**state, "optimizer": optimizer_of(ResNet(2), state)}),
+    "a-momentum-buffer-of-another-shape": with_momentum_of_another_shape,
+    "window-of-another-shape": lambda state, raw: saved({**state, "window": torch.zeros(5)}),
+    "rng-state-not-bytes": lambda state, raw: saved({**state, "rng": {"torch": torch.zeros(3)}}),
+}
+COMPLAINTS = {"not a readable checkpoint": UNREADABLE, "not a checkpoint of this project": FOREIGN,
+              "does not fit": {**MISFITS, **MISFITS_IN_TRAINING}}
+DAMAGED = [pytest.param(make, complaint, id=kind)
+           for complaint, cases in COMPLAINTS.items() for kind, make in cases.items()]
+DAMAGED_FOR_TEST_MODE = [case for case in DAMAGED if case.id not in MISFITS_IN_TRAINING]
+
+
+@pytest.mark.parametrize("make, complaint", DAMAGED)
+def test_train_refuses_a_damaged_checkpoint_and_leaves_it_as_it_is(
+        make, complaint, good, synthetic_cifar, tmp_path, capsys):
+    folder = tmp_path / NAME
+    folder.mkdir()
+    path = folder / "checkpoint.pt"
+    damaged = make(*good)
+    path.write_bytes(damaged)
+    assert train(synthetic_cifar, tmp_path) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert str(path) in error and complaint in error and "--fresh" in error
+    assert path.read_bytes() == damaged
+    assert set(os.listdir(folder)) == {"checkpoint.pt", ".lock"}  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("make, complaint", DAMAGED_FOR_TEST_MODE)
+def test_test_mode_refuses_a_damaged_checkpoint(make, complaint, good, synthetic_cifar, tmp_path,
+                                                capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(make(*good))
+    assert run.main(["1", "test", "--checkpoint", str(path), "--data-dir", synthetic_cifar]) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert str(path) in error and complaint in error
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no test.json
+
+
+def test_fresh_sets_a_damaged_checkpoint_aside_and_starts_over(synthetic_cifar, tmp_path, capsys):
+    folder = tmp_path / NAME
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(NOISE[:1000])
+    assert train(synthetic_cifar, tmp_path) == 1
+    assert "--fresh" in one_line_error(capsys.readouterr().err)
+    with sigterm_after(1):
+        assert train(synthetic_cifar, tmp_path, "--fresh") == 128 + signal.SIGTERM
+    [replaced] = os.listdir(tmp_path / ".replaced")
+    assert (tmp_path / ".replaced" / replaced / "checkpoint.pt").read_bytes() == NOISE[:1000]
+    assert iteration_in(folder) == 1
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a booby-trapped checkpoint carries."""
+
+    def __init__(self, shell_command):
+        self.shell_command = shell_command
+
+    def __reduce__(self):
+        return os.system, (self.shell_command,)
+
+
+@pytest.mark.parametrize("where", ["whole-file", "among-the-weights"])
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(
+        where, good, synthetic_cifar, tmp_path, capsys):
+    marker = tmp_path / "the-code-ran"
+    payload = Payload(f"touch {shlex.quote(str(marker))}")
+    state, _ = good
+    folder = tmp_path / NAME
+    folder.mkdir()
+    path = folder / "checkpoint.pt"
+    torch.save(payload if where == "whole-file" else
+               {**state, "model": {**state["model"], "fc.bias": payload}}, path)
+    assert train(synthetic_cifar, tmp_path) == 1
+    assert run.main(["1", "test", "--checkpoint", str(path), "--data-dir", synthetic_cifar]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2  # train, then test
+    assert all(f"error: {path}: not a readable checkpoint" in e for e in errors)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what weights_only prevents: the payload works
+    assert marker.exists()
+
+
+# ---------------------------------------------------------------- crashes and kills
+
+def test_a_checkpoint_write_cut_short_keeps_the_previous_one_and_the_resume_is_exact(
+        stopped, reference, synthetic_cifar, tmp_path):
+    folder = tmp_path / NAME
+    shutil.copytree(stopped, folder)
+    path = folder / "checkpoint.pt"
+    before = path.read_bytes()
+    assert len(before) > FILE_SIZE_LIMIT
+    limit = f"resource.setrlimit(resource.RLIMIT_FSIZE, ({FILE_SIZE_LIMIT}, {FILE_SIZE_LIMIT}))"
+
+    # Python ignores SIGXFSZ, so the write past the limit fails with EFBIG, as on a full disk...
+    code, out, err = finish(start(synthetic_cifar, tmp_path, setup=limit))
+    assert code == 1 and f"resuming from iteration {STOP_AT}" in out
+    error = one_line_error(err)
+    assert f"{path}: cannot write checkpoint (File too large)" in error and "intact" in error
+    assert path.read_bytes() == before and no_leftovers(folder)
+
+    # ...and with the signal's default action the kernel kills the process in the middle.
+    process = start(synthetic_cifar, tmp_path,
+                    setup=f"{limit}\nsignal.signal(signal.SIGXFSZ, signal.SIG_DFL)")
+    code, out, err = finish(process)
+    assert code == -signal.SIGXFSZ, err
+    assert (folder / f"checkpoint.pt.tmp-{process.pid}").stat().st_size == FILE_SIZE_LIMIT
+    assert path.read_bytes() == before and iteration_in(folder) == STOP_AT
+
+    assert train(synthetic_cifar, tmp_path) == 0
+    assert no_leftovers(folder)  # the half-written file is cleared when the folder is opened
+    assert_same_state(reference, checkpoint_of(folder))
+
+
+def test_five_kill_9_at_random_moments_then_the_resumed_run_is_bit_identical(
+        reference, synthetic_cifar, tmp_path):
+    rng = random.Random(2015)
+    folder = tmp_path / NAME
+    every_step = ["--ckpt-every", "1"]  # the same experiment, with more writes to be killed in
+    reached = 0
+    for target in sorted(rng.sample(range(2, ITERS - 6), 5)):
+        target = max(target, reached + 1)  # a checkpoint of this process: it is training
+        process = start(synthetic_cifar, tmp_path, *every_step)
+        try:
+            deadline = time.time() + 120
+            while (iteration_in(folder) < target and process.poll() is None
+                   and time.time() < deadline):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0, 0.1))  # somewhere in a step or a checkpoint write
+        finally:
+            process.kill()
+        code, _, err = finish(process)
+        assert code == -signal.SIGKILL, f"the run ended before it was killed: {err}"
+        assert reached < iteration_in(folder) < ITERS
+        reached = iteration_in(folder)
+    assert train(synthetic_cifar, tmp_path) == 0
+    assert no_leftovers(folder)
+    assert_same_state(reference, checkpoint_of(folder))
+
+
+def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_refuses(
+        synthetic_cifar, tmp_path):
+    folder = tmp_path / NAME
+    processes = [start(synthetic_cifar, tmp_path) for _ in range(2)]
+    try:
+        deadline = time.time() + 120
+        while all(p.poll() is None for p in processes) and time.time() < deadline:
+            time.sleep(0.05)
+        [loser] = [p for p in processes if p.poll() is not None]
+        [winner] = [p for p in processes if p is not loser]
+        code, _, err = finish(loser)
+        assert code == 1, err
+        error = one_line_error(err)
+        assert f"{folder}: in use by another process" in error
+        assert f"(pid {winner.pid})" in error or "(pid ?)" in error  # ? if read before written
+        while iteration_in(folder) == 0 and winner.poll() is None:  # training: stop it there
+            time.sleep(0.05)
+        winner.send_signal(signal.SIGTERM)
+        code, _, err = finish(winner)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert code == 128 + signal.SIGTERM, err
+    assert f"stopped by a signal at iteration {iteration_in(folder)};" in err  # its checkpoint
+    assert (folder / ".lock").read_text() == str(winner.pid)
+    with open(folder / "config.json") as f:
+        assert json.load(f)["resumes"] == []  # the refused process wrote nothing
+    assert len(list(folder.glob("events.out.tfevents*"))) == 1
+
+
+# ---------------------------------------------------------------- command line
+
+BAD_FLAGS = [
+    (["-1", "train"], "argument N"),
+    (["abc", "train"], "argument N"),
+    (["1.5", "train"], "argument N"),
+    (["", "train"], "argument N"),
+    (["1", "train", "--iters", "0"], "--iters"),
+    (["1", "train", "--iters", "-5"], "--iters"),
+    (["1", "train", "--iters", "abc"], "--iters"),
+    (["1", "train", "--iters", "1e3"], "--iters"),
+    (["1", "train", "--lr", "0"], "--lr"),
+    (["1", "train", "--lr", "-0.1"], "--lr"),
+    (["1", "train", "--lr", "inf"], "--lr"),
+    (["1", "train", "--lr", "abc"], "--lr"),
+    (["1", "train", "--lr", "1e-400"], "--lr"),  # 0 once parsed
+    (["1", "train", "--batch-size", "-128"], "--batch-size"),
+    (["1", "train", "--batch-size", "12.8"], "--batch-size"),
+    (["1", "train", "--weight-decay", "-1"], "--weight-decay"),
+    (["1", "train", "--weight-decay", "inf"], "--weight-decay"),
+    (["1", "train", "--momentum", "abc"], "--momentum"),
+    (["1", "train", "--momentum", "-0.9"], "--momentum"),
+    (["1", "train", "--eval-every", "0"], "--eval-every"),
+    (["1", "train", "--ckpt-every", "-1"], "--ckpt-every"),
+    (["1", "train", "--log-every", "0"], "--log-every"),
+    (["1", "train", "--threads", "0"], "--threads"),
+    (["1", "train", "--dist-timeout", "0"], "--dist-timeout"),
+    (["1", "train", "--seed", "-1"], "--seed"),
+    (["1", "train", "--seed", "1.5"], "--seed"),
+    (["1", "train", "--seed", str(2 ** 64)], "--seed"),  # beyond what torch.manual_seed takes
+    (["1", "train", "--val-size", "-1"], "--val-size"),
+    (["1", "train", "--val-size", "60000"], "--val-size"),
+    (["1", "train", "--milestones", "5", "3"], "--milestones"),
+    (["1", "train", "--milestones", "5", "5"], "--milestones"),
+    (["1", "train", "--milestones", "0"], "--milestones"),
+    (["1", "train", "--milestones", "-3"], "--milestones"),
+    (["1", "train", "--milestones"], "--milestones"),
+    (["1", "train", "--iters", "10", "--milestones", "10"], "--milestones"),
+    (["1", "train", "--iters", "10", "--milestones", "4", "20"], "--milestones"),
+    (["1", "train", "--shortcut", "a"], "--shortcut"),
+    (["1", "train", "--warmup", "maybe"], "--warmup"),
+    (["1", "train", "--amp", "fp8"], "--amp"),
+    (["1", "train", "--amp", "fp16"], "--amp"),
+    (["1", "train", "--device", "cuda"], "--device"),  # no CUDA on the test machine
+    (["1", "train", "--device", "cuda:1"], "--device"),
+    (["1", "train", "--device", "cuda:x"], "--device"),
+    (["1", "train", "--device", ""], "--device"),
+    (["1", "train", "--device", "mps"], "--device"),
+    (["1", "train", "--device", "meta"], "--device"),
+    (["1", "train", "--name", ""], "--name"),
+    (["1", "train", "--name", ".hidden"], "--name"),
+]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("argv, flag", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_every_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, no_cuda, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert flag in usage_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["0", "train"], "argument N"),
+    (["1", "train", "--iters", "abc"], "--iters"),
+    (["1", "train", "--seed", str(2 ** 64)], "--seed"),
+])
+def test_usage_errors_exit_2_without_a_traceback_from_the_shell(argv, flag):
+    result = subprocess.run(command(*argv), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert flag in usage_error(result.stderr)
+
+
+def test_a_missing_data_folder_is_a_one_line_error_suggesting_download(tmp_path):
+    result = subprocess.run(command("1", "train", "--data-dir", tmp_path / "nowhere",
+                                    "--logdir", tmp_path / "logs", *FLAGS),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    error = one_line_error(result.stderr)
+    assert str(tmp_path / "nowhere") in error and "--download" in error
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("layout, culprit", [
+    ("logdir is a file", "--logdir"),
+    ("logdir inside a file", "--logdir"),
+    ("logdir under /dev/null", "--logdir"),
+    ("run folder is a file", "--logdir"),
+    ("config.json is a folder", "config.json"),
+])
+def test_an_unusable_logdir_is_a_one_line_error(layout, culprit, synthetic_cifar, tmp_path, capsys):
+    logdir = {"logdir is a file": tmp_path / "file",
+              "logdir inside a file": tmp_path / "file" / "logs",
+              "logdir under /dev/null": "/dev/null/logs"}.get(layout, tmp_path / "logs")
+    (tmp_path / "file").write_text("")
+    if layout == "run folder is a file":
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / NAME).write_text("")
+    if layout == "config.json is a folder":
+        (tmp_path / "logs" / NAME / "config.json").mkdir(parents=True)
+    assert train(synthetic_cifar, logdir) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert culprit in error
+    if os.path.isdir(tmp_path / "logs" / NAME):
+        assert no_leftovers(tmp_path / "logs" / NAME)
+        assert not os.path.exists(tmp_path / "logs" / NAME / "checkpoint.pt")
+
+
+def without_root_powers(argv):
+    """argv run so that file modes bind, even for root (which ignores them otherwise)."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop the capabilities that override file modes")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+@pytest.mark.parametrize("case", ["new run", "resumed run"])
+def test_an_unwritable_logdir_is_a_one_line_error(case, stopped, synthetic_cifar, tmp_path):
+    logdir = tmp_path / "logs"
+    if case == "new run":
+        logdir.mkdir()
+        read_only, culprit = logdir, "--logdir"
+    else:
+        shutil.copytree(stopped, logdir / NAME)
+        read_only, culprit = logdir / NAME, "config.json"
+    read_only.chmod(0o555)
+    try:
+        if subprocess.run(without_root_powers(["touch", read_only / "probe"])).returncode == 0:
+            pytest.skip("cannot make a folder unwritable here")
+        result = subprocess.run(
+            without_root_powers(command("1", "train", "--data-dir", synthetic_cifar,
+                                        "--logdir", logdir, *FLAGS)),
+            capture_output=True, text=True, timeout=120)
+    finally:
+        read_only.chmod(0o755)
+    assert result.returncode == 1
+    error = one_line_error(result.stderr)
+    assert culprit in error and "Permission denied" in error
+    if case == "resumed run":
+        assert (logdir / NAME / "checkpoint.pt").read_bytes() == (
+            stopped / "checkpoint.pt").read_bytes()
+
+
+def test_n_too_large_for_memory_is_a_clear_error_not_an_out_of_memory_crash(
+        synthetic_cifar, tmp_path):
+    # Should the check be missing, the address-space limit makes the crash quick and harmless.
+    result = subprocess.run(
+        command("100000", "train", "--data-dir", synthetic_cifar, "--logdir", tmp_path,
+                setup="resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))"),
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
+    error = (one_line_error if result.returncode == 1 else usage_error)(result.stderr)
+    assert "100000" in error and error.count("GiB") >= 2  # needed, and available
+    assert os.listdir(tmp_path) == []
