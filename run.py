@@ -10,7 +10,6 @@ from its checkpoint. Everything else is a flag; the defaults are the paper's.
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cifar_binary
+from ddp import World, from_rank_0, ranks_agree, sync_batchnorm
 from resnet import LayerResponses, ResNet, count_parameters
 
 # The paper's recipe, Section 4.2 (and 3.4), in one place.
@@ -503,76 +503,6 @@ def describe(config):
     return net if config["plain"] else f"{net} (option {config['shortcut']})"
 
 
-# ---------------------------------------------------------------- several processes (torchrun)
-
-@dataclasses.dataclass(frozen=True)
-class World:
-    """Where this process stands among those torchrun started; a lone process is rank 0 of 1."""
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
-
-    @classmethod
-    def from_environment(cls):
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                   int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def from_rank_0(world, outcome):
-    """Rank 0's `outcome` on every rank (it decides about the run folder for all)."""
-    if world.size == 1:
-        return outcome
-    box = [outcome]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
-    """BatchNorm over the global batch for CPU processes, where nn.SyncBatchNorm has no
-    kernels: the batch mean and variance are all-reduced differentiably."""
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        x = x.float()
-        count = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = all_reduce(x.sum((0, 2, 3))) / count
-        centered = x - mean[:, None, None]
-        var = all_reduce(centered.square().sum((0, 2, 3))) / count
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / (count - 1), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return centered * scale[:, None, None] + self.bias[:, None, None]
-
-
-def sync_batchnorm(module, device):
-    """Every BatchNorm2d of `module` normalised over all processes' batches (--sync-bn)."""
-    if device.type != "cpu":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum)
-            synced.load_state_dict(child.state_dict())
-            setattr(module, name, synced.to(device))
-        else:
-            sync_batchnorm(child, device)
-    return module
-
-
-def check_ranks_agree(model, iteration):
-    """DDP keeps every rank's weights bit-identical; verify it before they are saved."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
-    sums = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
-    dist.all_gather(sums, checksum)
-    if len({s.item() for s in sums}) > 1:
-        raise RunError(f"the processes' weights differ at iteration {iteration}; not saving them")
-
-
 # ---------------------------------------------------------------- train
 
 def open_run(folder, config):
@@ -702,8 +632,9 @@ def train(args):
             if not all(torch.isfinite(t).all() for t in weights):  # BN statistics included
                 raise RunError(f"weights are not finite at iteration {iteration} (training "
                                f"diverged); the last good checkpoint {checkpoint_path} is kept")
-            if world.size > 1:
-                check_ranks_agree(model, iteration)
+            if world.size > 1 and not ranks_agree(model):
+                raise RunError(f"the processes' weights differ at iteration {iteration}; "
+                               "not saving them")
             if lead:
                 save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
