@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -607,7 +608,9 @@ def train(args):
             print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
                   f"({len(val_images):,} held out), {world.size} x {device}, "
                   f"{torch.get_num_threads()} threads")
-            print(json.dumps(run_info, separators=(", ", ": ")))
+            print(textwrap.fill("  ".join(f"{k}={v}" for k, v in run_info.items()
+                                          if k not in ("depth", "params")), width=100,
+                                break_long_words=False, break_on_hyphens=False))
             print(f"run folder: {folder}  (tensorboard --logdir={args.logdir})")
 
         images, labels = images.to(device), labels.to(device)

@@ -303,3 +303,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_nonzero(synthet
     assert "checkpoint written" in err and "Traceback" not in err
     iteration = checkpoint_of(folder)["iteration"]
     assert 0 < iteration < 1000  # written at the signal, not at --ckpt-every
+
+
+def test_a_short_real_data_run_learns(real_cifar, tmp_path):
+    assert run.main(["1", "train", "--data-dir", real_cifar, "--logdir", str(tmp_path),
+                     "--iters", "200", "--eval-every", "1000", "--log-every", "50"]) == 0
+    with open(tmp_path / "resnet8-iters200" / "result.json") as f:
+        result = json.load(f)
+    print(f"ResNet-8, 200 iterations on CIFAR-10: test error {result['test_error']:.2f}%")
+    assert result["test_error"] < 75.0  # chance is 90%; ~55-60% is typical here
