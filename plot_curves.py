@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -307,9 +308,9 @@ def figure6(runs, ylim=(0, 20)):
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize="small")
     fig.suptitle("Figure 6: training on CIFAR-10 (He et al. 2015, Sec. 4.2)")
-    fig.supxlabel("Dashed: training error (running average over the logging window); bold: test "
-                  "error. Several seeds: the run with the median final test error is drawn.",
-                  fontsize="small")
+    caption = ("Dashed: training error (running average over the logging window); bold: test "
+               "error. Several seeds: the run with the median final test error is drawn.")
+    fig.supxlabel(textwrap.fill(caption, width=int(95 * len(panels) ** 0.8)), fontsize="small")
     return fig
 
 
