@@ -312,3 +312,12 @@ def test_a_short_real_data_run_learns(real_cifar, tmp_path):
         result = json.load(f)
     print(f"ResNet-8, 200 iterations on CIFAR-10: test error {result['test_error']:.2f}%")
     assert result["test_error"] < 75.0  # chance is 90%; ~55-60% is typical here
+
+
+def test_warmup_on_trains_at_001_while_the_error_stays_above_80_percent(synthetic_cifar, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 0  # random labels: ~90% error
+    events = EventAccumulator(str(tmp_path / "resnet8-iters12-warmup-on"))
+    events.Reload()
+    assert [round(e.value, 6) for e in events.Scalars("lr")] == [0.01, 0.01, 0.01]
+    assert "warmup/ended_at" not in events.Tags()["scalars"]
