@@ -780,7 +780,7 @@ def test(args):
               "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
               "iteration": state["iteration"], "params": count_parameters(model),
               "depth": 6 * config["n"] + 2, "plain": config["plain"],
-              "shortcut": config["shortcut"], "checkpoint": os.path.abspath(path),
+              "shortcut": config["shortcut"], "checkpoint": path,  # as given: reproducible
               "layer_responses": responses.std()}
     print(f"{describe(config)}, iteration {state['iteration']}: test error "
           f"{result['error']:.2f}% ({len(images):,} images)")
