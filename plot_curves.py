@@ -36,6 +36,7 @@ DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
 CURVES = {"train/error", "test/error"}
+PANELS = ("plain nets", "ResNets", "ResNet-110 vs ResNet-1202")  # Figure 6, left to right
 FIGURE7_NETS = {(True, 20), (True, 56), (False, 20), (False, 56), (False, 110)}  # (plain, depth)
 
 
@@ -169,29 +170,36 @@ def configuration(config):
 
 
 def group(runs):
-    """Runs of one configuration together (seeds), ResNets before plain nets, by depth."""
+    """Runs of one configuration together (seeds): the paper's schedule first, then longer
+    schedules before shorter ones; within one, ResNets before plain nets, by depth."""
     groups = {}
     for run in runs:
         groups.setdefault(configuration(run.config), []).append(run)
-    return sorted(groups.values(), key=lambda g: (g[0].config["plain"], g[0].depth,
-                                                  label(g[0].config)))
+    return sorted(groups.values(), key=lambda g: (
+        schedule_key(g[0].config) != PAPER_SCHEDULE, -g[0].config["iters"],
+        g[0].config["plain"], g[0].depth, label(g[0].config)))
 
 
-def label(config, *extra, depth=True):
+def label(config, *extra, depth=True, with_schedule=True):
     """e.g. 'ResNet-56', 'ResNet-56 (option B, bf16)': the net and how its configuration departs
-    from the paper's CIFAR recipe, then any `extra` notes."""
+    from the paper's CIFAR recipe (the schedule too, unless `with_schedule` is False), then any
+    `extra` notes."""
     notes = []
     if not config["plain"] and config["shortcut"] != "A":
         notes.append(f"option {config['shortcut']}")
     if config["amp"] != "none":
         notes.append(config["amp"])
     notes += [f"{k} {config[k]}" for k, v in PAPER_RECIPE.items() if config[k] != v]
-    if (config["iters"], tuple(config["milestones"])) != PAPER_SCHEDULE:
+    if with_schedule and schedule_key(config) != PAPER_SCHEDULE:
         notes.append(schedule(config))
     notes += [e for e in extra if e]
     name = "plain" if config["plain"] else "ResNet"
     name += f"-{6 * config['n'] + 2}" if depth else ""
     return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def schedule_key(config):
+    return config["iters"], tuple(config["milestones"])
 
 
 def schedule(config):
@@ -214,13 +222,21 @@ def format_error(best, mean_std=None):
     return f"{best:.2f}" + (f" ({mean_std[0]:.2f}±{mean_std[1]:.2f})" if mean_std else "")
 
 
+def comparable_with_paper(config):
+    """The paper's Table 6 has residual nets with option A, trained with its recipe and its
+    whole schedule; other runs get no paper figure to be measured against (bf16 does)."""
+    return (not config["plain"] and config["shortcut"] == "A"
+            and schedule_key(config) == PAPER_SCHEDULE
+            and all(config[k] == v for k, v in PAPER_RECIPE.items()))
+
+
 def table6(runs):
     """Table 6 as markdown: one row per configuration's finished seeds, one per unfinished run."""
     rows = []
     for runs_of_config in group(runs):
         config = runs_of_config[0].config
         depth, params = 6 * config["n"] + 2, f"{config['params'] / 1e6:.2f}M"
-        paper = None if config["plain"] or config["shortcut"] != "A" else PAPER_ERROR.get(depth)
+        paper = PAPER_ERROR.get(depth) if comparable_with_paper(config) else None
         paper_cell = format_error(*paper) if paper else "-"
         errors = [r.result["test_error"] for r in runs_of_config if r.finished]
         if errors:
@@ -246,9 +262,11 @@ def table6(runs):
     return "\n".join([
         "Table 6: CIFAR-10 test error of He et al. 2015, Section 4.2, and ours.", "", *lines, "",
         "Test error at the end of training. Several seeds: best (mean±std), std with ddof=1 "
-        "(sample std). Difference: ours - paper, best vs best (mean vs mean). The paper gives "
-        "no plain nets and no option B on CIFAR-10 in Table 6 (\"-\"). Unfinished runs: their "
-        "last test evaluation, never averaged with finished runs.", ""])
+        "(sample std). Difference: ours - paper, best vs best (mean vs mean). The paper's "
+        "figure is given only for what its Table 6 reports: residual nets with option A, "
+        "trained with its recipe and whole schedule (\"-\" otherwise: plain nets, option B, "
+        "shorter schedules, other hyper-parameters). Unfinished runs: their last test "
+        "evaluation, never averaged with finished runs.", ""])
 
 
 # ---------------------------------------------------------------- figures
@@ -267,10 +285,12 @@ def colours(configs):
 
 def figure6(runs, ylim=(0, 20)):
     """Figure 6 (a matplotlib Figure; None when no run has curves): panels of plain nets,
-    ResNets, and ResNet-110 vs 1202, as in the paper."""
-    panels = {"plain nets": [], "ResNets": [], "ResNet-110 vs ResNet-1202": []}
+    ResNets, and ResNet-110 vs 1202, as in the paper; one row of panels per schedule, so that
+    runs of different lengths never share an axis."""
+    rows = {}  # schedule -> panel title -> [(run, seeds)]
     for runs_of_config in group([r for r in runs if CURVES & r.scalars.keys()]):
         run, count = median_run(runs_of_config, lambda r: r.test_error()[0])
+        panels = rows.setdefault(schedule_key(run.config), {title: [] for title in PANELS})
         if run.config["plain"]:
             panels["plain nets"].append((run, count))
         else:
@@ -278,40 +298,55 @@ def figure6(runs, ylim=(0, 20)):
                 panels["ResNets"].append((run, count))
             if run.depth in (110, 1202):
                 panels["ResNet-110 vs ResNet-1202"].append((run, count))
-    if not any(run.depth == 1202 for run, _ in panels["ResNet-110 vs ResNet-1202"]):
-        panels["ResNet-110 vs ResNet-1202"] = []  # without 1202 it only repeats ResNet-110
-    for title, drawn in panels.items():
-        if not drawn:
+    for panels in rows.values():
+        if not any(run.depth == 1202 for run, _ in panels["ResNet-110 vs ResNet-1202"]):
+            panels["ResNet-110 vs ResNet-1202"] = []  # without 1202 it only repeats ResNet-110
+    for title in PANELS:
+        if not any(panels[title] for panels in rows.values()):
             needs = "ResNet-1202 run" if "1202" in title else "run"
             print(f"figure 6: panel '{title}' left out: no {needs} with training curves")
-        if len({schedule(r.config) for r, _ in drawn}) > 1:
-            print(f"figure 6: panel '{title}' mixes schedules (" + "; ".join(
-                f"{label(r.config)}: {schedule(r.config)}" for r, _ in drawn)
-                + "); they share one axis but are not directly comparable")
-    panels = {title: drawn for title, drawn in panels.items() if drawn}
-    if not panels:
+    rows = {key: {title: drawn for title, drawn in panels.items() if drawn}  # group()'s order
+            for key, panels in rows.items()}
+    if not rows:
         return None
     from matplotlib.figure import Figure  # lazily: --markdown-only renders nothing
-    fig = Figure(figsize=(5.5 * len(panels), 4.6), layout="constrained")
-    for ax, (title, drawn) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
-        for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
-            legend = label(run.config, f"median of {count}" if count > 1 else "",
-                           "" if run.finished else f"unfinished: {run.iterations:,} iters")
-            for tag, style in (("test/error", dict(lw=2.2)), ("train/error", dict(lw=1, ls="--"))):
-                if tag in run.scalars:  # the legend entry goes on the bold line when there is one
-                    steps, values = run.scalars[tag]
-                    ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)
-                    legend = None
-        last = max(run.scalars[t][0][-1] for run, _ in drawn for t in CURVES & run.scalars.keys())
-        ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, last / 1e4),
-               ylim=ylim)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize="small")
+    columns = [title for title in PANELS if any(title in panels for panels in rows.values())]
+    fig = Figure(figsize=(5.5 * len(columns), 4.6 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for row_axes, panels in zip(axes, rows.values()):
+        for ax, title in zip(row_axes, columns):  # a panel keeps its column in every row
+            if title not in panels:
+                ax.remove()
+                continue
+            drawn = panels[title]
+            config = drawn[0][0].config
+            if len(rows) > 1:
+                title += f"\n{schedule(config)}" if schedule_key(config) != PAPER_SCHEDULE \
+                    else "\nthe paper's schedule"
+            draw_curves(ax, title, drawn, ylim, with_schedule=len(rows) == 1)
     fig.suptitle("Figure 6: training on CIFAR-10 (He et al. 2015, Sec. 4.2)")
     caption = ("Dashed: training error (running average over the logging window); bold: test "
                "error. Several seeds: the run with the median final test error is drawn.")
-    fig.supxlabel(textwrap.fill(caption, width=int(95 * len(panels) ** 0.8)), fontsize="small")
+    fig.supxlabel(textwrap.fill(caption, width=int(95 * len(columns) ** 0.8)), fontsize="small")
     return fig
+
+
+def draw_curves(ax, title, drawn, ylim, with_schedule):
+    """One panel of Figure 6: each run's test error (bold) and training error (dashed)."""
+    for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
+        legend = label(run.config, f"median of {count}" if count > 1 else "",
+                       "" if run.finished else f"unfinished: {run.iterations:,} iters",
+                       with_schedule=with_schedule)
+        for tag, style in (("test/error", dict(lw=2.2)), ("train/error", dict(lw=1, ls="--"))):
+            if tag in run.scalars:  # the legend entry goes on the bold line when there is one
+                steps, values = run.scalars[tag]
+                ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)
+                legend = None
+    last = max(run.scalars[t][0][-1] for run, _ in drawn for t in CURVES & run.scalars.keys())
+    ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, last / 1e4),
+           ylim=ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
 
 
 def figure7(runs):

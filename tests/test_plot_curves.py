@@ -125,16 +125,31 @@ def test_table_gives_best_mean_std_over_seeds(tmp_path):
 
 
 def test_unfinished_run_gets_its_own_labelled_row_outside_the_mean(tmp_path):
-    make_run(str(tmp_path), "a", n=18, seed=1, final=6.0, iters=2000)
-    make_run(str(tmp_path), "b", n=18, seed=2, final=7.0, iters=2000)
-    make_run(str(tmp_path), "c", n=18, seed=3, final=6.5, iters=2000, stop_at=600)
+    make_run(str(tmp_path), "a", n=18, seed=1, final=6.0)
+    make_run(str(tmp_path), "b", n=18, seed=2, final=7.0)
+    make_run(str(tmp_path), "c", n=18, seed=3, final=6.5, stop_at=19_200)
     table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
-    method = "ResNet (2,000 iters, lr/10 at 1,000/1,500)"
-    assert row(table, method, 110)[3:7] == ["6.00 (6.50±0.71)", "6.43 (6.61±0.16)",
-                                            "-0.43 (-0.11)", "2"]
-    unfinished = row(table, f"{method[:-1]}, unfinished: 600 / 2,000 iters)", 110)
-    # its last test evaluation was at 500: 6.5 + 60 * (1 - 500/2000)^2
-    assert unfinished[3:] == ["40.25 (last eval, iter 500)", "6.43 (6.61±0.16)", "-", "1", "600"]
+    assert row(table, "ResNet", 110)[3:7] == ["6.00 (6.50±0.71)", "6.43 (6.61±0.16)",
+                                             "-0.43 (-0.11)", "2"]
+    unfinished = row(table, "ResNet (unfinished: 19,200 / 64,000 iters)", 110)
+    # its last test evaluation was at 16,000: 6.5 + 60 * (1 - 16000/64000)^2
+    assert unfinished[3:] == ["40.25 (last eval, iter 16,000)", "6.43 (6.61±0.16)", "-", "1",
+                              "19,200"]
+
+
+def test_paper_figure_only_beside_runs_of_its_recipe_and_whole_schedule(tmp_path):
+    make_run(str(tmp_path), "resnet20-iters6400", iters=6400, final=13.0, events=False)
+    make_run(str(tmp_path), "resnet20-bf16-iters6400", amp="bf16", iters=6400, final=13.2,
+             events=False)
+    folder = make_run(str(tmp_path), "resnet20-lr0.2", final=8.5, events=False)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    write_json(os.path.join(folder, "config.json"), dict(config, lr=0.2))
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet (6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == ["13.00", "-", "-"]
+    assert row(table, "ResNet (bf16, 6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == \
+        ["13.20", "-", "-"]
+    assert row(table, "ResNet (lr 0.2)", 20)[3:6] == ["8.50", "-", "-"]
 
 
 def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
@@ -189,16 +204,37 @@ def test_figure6_draws_the_median_seed(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ResNet-20 (median of 3)"]
 
 
-def test_figure6_notes_mixed_schedules_and_still_draws_them(tmp_path, capsys):
-    make_run(str(tmp_path), "resnet20")
+def test_figure6_labels_a_single_shorter_schedule_in_the_legend(tmp_path):
     make_run(str(tmp_path), "resnet32", n=5, iters=32_000)
-    make_run(str(tmp_path), "resnet44", n=7, stop_at=12_800)
+    make_run(str(tmp_path), "resnet44", n=7, iters=32_000, stop_at=12_800)
     (ax,) = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
-    assert "mixes schedules" in capsys.readouterr().out
-    assert ax.get_xlim() == (0, 6.4)
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["ResNet-20", "ResNet-32 (32,000 iters, lr/10 at 16,000/24,000)",
-                      "ResNet-44 (unfinished: 12,800 iters)"]
+    assert ax.get_title() == "ResNets" and ax.get_xlim() == (0, 3.2)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "ResNet-32 (32,000 iters, lr/10 at 16,000/24,000)",
+        "ResNet-44 (32,000 iters, lr/10 at 16,000/24,000, unfinished: 12,800 iters)"]
+
+
+def test_figure6_draws_one_row_of_panels_per_schedule(tmp_path):
+    make_run(str(tmp_path), "resnet20")
+    make_run(str(tmp_path), "resnet44", n=7, stop_at=12_800)
+    make_run(str(tmp_path), "plain20-iters6400", plain=True, iters=6400)
+    make_run(str(tmp_path), "resnet20-iters6400", iters=6400)
+    make_run(str(tmp_path), "resnet56-iters6400", n=9, iters=6400)
+    fig = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)))
+    full, short_plain, short_resnets = fig.axes  # the full row has no plain-net panel
+    assert full.get_title() == "ResNets\nthe paper's schedule"
+    assert full.get_xlim() == (0, 6.4)
+    assert [t.get_text() for t in full.get_legend().get_texts()] == [
+        "ResNet-20", "ResNet-44 (unfinished: 12,800 iters)"]
+    schedule = "6,400 iters, lr/10 at 3,200/4,800"
+    assert short_plain.get_title() == f"plain nets\n{schedule}"
+    assert short_resnets.get_title() == f"ResNets\n{schedule}"
+    assert short_plain.get_xlim() == short_resnets.get_xlim() == (0, 0.64)
+    assert [t.get_text() for t in short_resnets.get_legend().get_texts()] == [
+        "ResNet-20", "ResNet-56"]  # the row says the schedule
+    places = [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start)
+              for ax in (full, short_plain, short_resnets)]
+    assert places == [(0, 1), (1, 0), (1, 1)]  # ResNets in the same column in both rows
 
 
 def test_figure7_draws_network_order_on_top_and_sorted_below(tmp_path, capsys):
