@@ -7,12 +7,12 @@ hand: run.py's own pipeline against a reference written the way the popular repr
 Ours is run.py's code path, called, not copied: the data set as one uint8 tensor on the device,
 `cifar_binary.augment`/`normalize` on whole batches, `run.BatchOrder`, `run.train_step` on the
 channels_last model of `run.build_model` with foreach SGD, bf16 through `--amp bf16`, and
-`run.evaluate` (batches of 1000, on the uncompiled model as train() does). The reference, in
-the same process and on the same images: a torchvision-style Dataset that makes a PIL image per
-item, RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize per image, a
-DataLoader (batch 128, shuffled, `--workers` processes), the same ResNet in NCHW float32,
-torch.optim.SGD (momentum 0.9, weight decay 1e-4, its default implementation), and an
-evaluation loop over a DataLoader of batch 128 (worker start-up timed: each evaluation pays it).
+`run.evaluate` (batches of 128 on a CPU, 1000 on a GPU; the uncompiled model, as train() uses it).
+The reference, in the same process and on the same images: a torchvision-style Dataset that makes a
+PIL image per item, RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize per
+image, a DataLoader (batch 128, shuffled, `--workers` processes), the same ResNet in NCHW float32,
+torch.optim.SGD (momentum 0.9, weight decay 1e-4, its default implementation), and an evaluation
+loop over a DataLoader of batch 128 (worker start-up timed: each evaluation pays it).
 
 Training speed is images/s after `--warmup` discarded steps, the median of `--windows` windows of
 `--steps` steps, each window closed by a device synchronisation before the clock is read;
@@ -226,7 +226,7 @@ def train_speed(step, args, device):
 
 def eval_speed(evaluate, count, device):
     """Images/s of one evaluation pass over `count` test images, after a warm-up pass."""
-    evaluate(min(count, 1000))  # 1000: run.evaluate's batch
+    evaluate(min(count, 1000))  # at least one of run.evaluate's batches, on any device
     wait(device)
     start = time.perf_counter()
     evaluate(count)
