@@ -8,6 +8,7 @@ Also here: the official archive's download, the per-pixel mean, and the paper's 
 ("4 pixels are padded on each side, and a 32x32 crop is randomly sampled from the padded image
 or its horizontal flip") as batched tensor code on any device.
 """
+import fcntl
 import http.client
 import os
 import shutil
@@ -26,6 +27,8 @@ SPLIT_FILES = {
     "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
     "test": ["test_batch.bin"],
 }
+# What the official cifar-10-batches-bin folder holds.
+OFFICIAL_FILES = {*SPLIT_FILES["train"], *SPLIT_FILES["test"], "batches.meta.txt", "readme.html"}
 RECORD_BYTES = 1 + 3 * 32 * 32
 RECORDS_PER_FILE = 10_000
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -81,15 +84,40 @@ def _present(root):
 
 def download(root, url=URL, md5=MD5):
     """Fetch the official archive into `root`'s parent folder, check its md5, and extract the
-    six batch files (and batches.meta.txt) into `root`, which appears only once complete."""
-    from torchvision.datasets.utils import check_integrity, download_url  # only needed here
-
+    six batch files (and batches.meta.txt) into `root`, which appears only once complete.
+    Concurrent calls (torchrun's processes, two runs) take turns: one downloads, the others
+    find the data there."""
     root = os.path.abspath(root)
     if _present(root):
         return  # already there; load_split still validates every byte
     parent = os.path.dirname(root)
-    archive = os.path.join(parent, os.path.basename(url))
+    _must_hold_only_cifar_files(root)  # before fetching 170 MB
     os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, f".{os.path.basename(root)}.download-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _present(root):  # another process may have finished it while we waited
+            _download_and_extract(root, url, md5)
+
+
+def _must_hold_only_cifar_files(root):
+    """A partial or damaged data set is replaced as a whole, so `root` must hold nothing else:
+    a --data-dir that points at some other folder is refused, never emptied."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"{root}: is a file, expected a folder for the CIFAR-10 batches")
+    if os.path.isdir(root):
+        others = sorted(set(os.listdir(root)) - OFFICIAL_FILES)
+        if others:
+            raise DataError(f"{root}: incomplete CIFAR-10 folder that also holds "
+                            f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}; "
+                            "--download replaces this folder, so point --data-dir at a "
+                            "cifar-10-batches-bin folder or a new one")
+
+
+def _download_and_extract(root, url, md5):
+    from torchvision.datasets.utils import check_integrity, download_url  # only needed here
+
+    parent = os.path.dirname(root)
+    archive = os.path.join(parent, os.path.basename(url))
     try:  # skips an archive that is already there with the right md5
         download_url(url, parent, os.path.basename(url), md5)
     except (OSError, RuntimeError, http.client.HTTPException) as e:  # URLError is an OSError;
@@ -119,6 +147,7 @@ def download(root, url=URL, md5=MD5):
                 raise DataError(f"{archive}: bad contents: {e}") from None
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a data set is shared
         if os.path.isdir(root):
+            _must_hold_only_cifar_files(root)  # still, after the download
             shutil.rmtree(root)
         os.replace(staging, root)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib: corrupt deflate data

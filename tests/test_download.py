@@ -264,14 +264,76 @@ def test_archive_with_a_short_batch_is_rejected_before_it_becomes_visible(server
 
 def test_failed_download_keeps_an_existing_data_folder(server, root):
     os.makedirs(root)
-    with open(os.path.join(root, "marker"), "w") as f:
+    with open(os.path.join(root, "data_batch_1.bin"), "w") as f:  # an incomplete data set
         f.write("old")
     members = tiny_members()
     del members[f"{ARCHIVE_DIR}/data_batch_5.bin"]
     checksum = server.serve(make_archive(members))
     with pytest.raises(DataError, match="data_batch_5.bin"):
         download(root, url=server.url, md5=checksum)
-    assert os.listdir(root) == ["marker"]
+    assert os.listdir(root) == ["data_batch_1.bin"]
+    with open(os.path.join(root, "data_batch_1.bin")) as f:
+        assert f.read() == "old"
+
+
+def test_incomplete_data_folder_is_replaced_by_the_download(server, root, good_archive):
+    os.makedirs(root)
+    for name in ("data_batch_1.bin", "readme.html"):  # what an interrupted copy may leave
+        with open(os.path.join(root, name), "w") as f:
+            f.write("old")
+    download(root, url=server.url, md5=server.serve(good_archive))
+    assert sorted(os.listdir(root)) == sorted(BATCHES + ["batches.meta.txt"])
+    assert load_split(root, "train")[0][0].unique().tolist() == [1]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_data_dir_holding_other_files_is_refused_untouched_before_any_request(server, root,
+                                                                              good_archive, kind):
+    checksum = server.serve(good_archive)
+    if kind == "folder":  # e.g. --data-dir . or --data-dir ~/datasets
+        os.makedirs(root)
+        for name in ("notes.txt", "data_batch_1.bin"):
+            with open(os.path.join(root, name), "w") as f:
+                f.write("mine")
+        expected = "also holds notes.txt"
+    else:
+        os.makedirs(os.path.dirname(root))
+        with open(root, "w") as f:
+            f.write("mine")
+        expected = "is a file"
+    with pytest.raises(DataError, match=expected) as e:
+        download(root, url=server.url, md5=checksum)
+    assert "\n" not in str(e.value) and root in str(e.value)
+    assert server.requests == []
+    if kind == "folder":
+        assert sorted(os.listdir(root)) == ["data_batch_1.bin", "notes.txt"]
+    else:
+        with open(root) as f:
+            assert f.read() == "mine"
+
+
+def test_concurrent_downloads_take_turns_and_fetch_once(server, root, good_archive, tmp_path):
+    checksum = server.serve(good_archive)
+    download(str(tmp_path / "alone" / ARCHIVE_DIR), url=server.url, md5=checksum)
+    requests_of_one_download = len(server.requests)
+    server.requests.clear()
+    errors = []
+
+    def fetch():
+        try:
+            download(root, url=server.url, md5=checksum)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]  # like torchrun's processes
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(server.requests) == requests_of_one_download
+    assert load_split(root, "test")[0].unique().tolist() == [6]
+    assert not glob.glob(os.path.join(os.path.dirname(root), ".cifar-extract-*"))
 
 
 @pytest.mark.parametrize("damage", ["not-gzip", "cut-gzip", "corrupt-deflate"])
