@@ -140,6 +140,8 @@ def parse_args(argv=None):
         parser.error(f"--milestones must be strictly increasing, got {args.milestones}")
     if args.milestones and args.milestones[-1] >= args.iters:
         parser.error(f"--milestones must be below --iters {args.iters}, got {args.milestones}")
+    if args.plain and args.shortcut != "A":
+        parser.error("--shortcut: a plain net (--plain) has no shortcuts to choose")
     if args.seed >= 2 ** 64:  # torch.manual_seed's range
         parser.error(f"--seed must be below 2**64, got {args.seed}")
     if args.val_size >= 50_000:
@@ -155,6 +157,9 @@ def parse_args(argv=None):
             parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {args.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
     world = World.from_environment()
     if args.batch_size % world.size:
         parser.error(f"--batch-size {args.batch_size} (the global batch) must divide evenly "
@@ -519,7 +524,25 @@ def open_run(folder, config):
                          for k, (old, new) in changed.items())
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
                        "use another --name, or --fresh to start over")
+    read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     return state
+
+
+def read_run_info(folder):
+    """The run folder's config.json (None if absent), with its list of resumes."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({e}); move it away to resume (a new one is "
+                       "written)") from None
+    if not (isinstance(info, dict) and isinstance(info.get("resumes"), list)):
+        raise RunError(f"{path}: not written by run.py (no list of resumes); move it away to "
+                       "resume (a new one is written)")
+    return info
 
 
 def train(args):
@@ -582,7 +605,8 @@ def train(args):
                                          f"a parameter of shape {tuple(param.shape)}")
                 iteration, warmup_end = int(state["iteration"]), state["warmup_end"]
                 train_seconds, mean = float(state["train_seconds"]), state["per_pixel_mean"]
-                window = state["window"].to(device, torch.float64).reshape(3)
+                if lead:  # the saved window holds every process's part: restore it once
+                    window = state["window"].to(device, torch.float64).reshape(3)
                 torch.set_rng_state(state["rng"]["torch"])
             if lead:
                 print(f"resuming from iteration {iteration}")
@@ -597,14 +621,12 @@ def train(args):
                    "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "iteration": iteration}
         if lead:
-            config_path = os.path.join(folder, "config.json")
-            if state is None or not os.path.exists(config_path):
-                write_json(config_path, {**run_info, "start": machine, "resumes": []})
+            saved = read_run_info(folder) if state is not None else None
+            if saved is None:
+                saved = {**run_info, "start": machine, "resumes": []}
             else:
-                with open(config_path) as f:
-                    saved = json.load(f)
                 saved["resumes"].append(machine)
-                write_json(config_path, saved)
+            write_json(os.path.join(folder, "config.json"), saved)
             print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
                   f"({len(val_images):,} held out), {world.size} x {device}, "
                   f"{torch.get_num_threads()} threads")
@@ -638,12 +660,15 @@ def train(args):
             if world.size > 1 and not ranks_agree(model):
                 raise RunError(f"the processes' weights differ at iteration {iteration}; "
                                "not saving them")
+            whole_window = window.clone()  # mid-window, each process holds its shards' part
+            if world.size > 1:
+                dist.all_reduce(whole_window)
             if lead:
                 save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "iteration": iteration,
                     "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
-                    "window": window.cpu(), "train_seconds": train_seconds,
+                    "window": whole_window.cpu(), "train_seconds": train_seconds,
                     "rng": {"torch": torch.get_rng_state()}})
 
         def run_evaluation():
@@ -669,7 +694,10 @@ def train(args):
 
         from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
         from tqdm import tqdm
-        writer = SummaryWriter(folder, purge_step=iteration or None, flush_secs=30) if lead else None
+        # A resumed writer hides what the previous process logged after its checkpoint; what it
+        # logged at the checkpoint's own iteration (before saving) stays.
+        writer = (SummaryWriter(folder, purge_step=iteration + 1 if iteration else None,
+                                flush_secs=30) if lead else None)
         bar = tqdm(total=config["iters"], initial=iteration, dynamic_ncols=True, smoothing=0.05,
                    disable=None if lead else True)
         window_start = time.perf_counter()
@@ -717,7 +745,7 @@ def train(args):
                         bar.write(f"warm-up ended at iteration {iteration} "
                                   f"(train error {train_error:.1f}%)")
                     window_start = time.perf_counter()
-                if iteration % args.eval_every == 0 and iteration < config["iters"] and not stopping:
+                if iteration % args.eval_every == 0 and iteration < config["iters"]:
                     results = run_evaluation()
                     bar.write(f"iter {iteration}: test error {results['test']['error']:.2f}%"
                               + (f", val error {results['val']['error']:.2f}%" if "val" in results

@@ -106,6 +106,33 @@ def test_killed_process_fails_the_job_and_it_resumes_with_another_process_count(
     assert checkpoint_of(folder)["iteration"] > iteration
 
 
+def kill_after_checkpoint(job, folder, after):
+    """Wait for a checkpoint past iteration `after`, then kill the whole torchrun job."""
+    deadline = time.time() + 180
+    while time.time() < deadline and job.poll() is None:
+        if (folder / "checkpoint.pt").exists() and checkpoint_of(folder)["iteration"] > after:
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+    for pid in [int(p) for p in workers.stdout.split()] + [job.pid]:  # not one group: each
+        os.kill(pid, signal.SIGKILL)
+    job.communicate()
+    return checkpoint_of(folder)
+
+
+def test_a_checkpoint_mid_window_holds_every_process_part_of_the_window_once(
+        synthetic_cifar, tmp_path):
+    # No window ends before 1000: the saved window covers every image trained on so far, each
+    # counted once, when it is written by two processes and after two processes resumed it.
+    flags = ["--iters", "3000", "--ckpt-every", "2", "--log-every", "1000"]
+    folder = tmp_path / "resnet8-iters3000"
+    first = kill_after_checkpoint(torchrun(synthetic_cifar, tmp_path, *flags), folder, 0)
+    assert first["window"][2].item() == 128 * first["iteration"]
+    second = kill_after_checkpoint(torchrun(synthetic_cifar, tmp_path, *flags), folder,
+                                   first["iteration"])
+    assert second["window"][2].item() == 128 * second["iteration"]
+
+
 def _diverge(rank, port, verdicts):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

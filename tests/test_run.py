@@ -1,4 +1,5 @@
 """run.py: the paper's schedule, the data order, and train/test runs on synthetic data."""
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+import plot_curves
 import run
 from conftest import ROOT
 
@@ -25,6 +27,24 @@ def start(data, logdir, *extra):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "1", "train",
                              "--data-dir", data, "--logdir", str(logdir), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.contextmanager
+def sigterm_after(steps):
+    """In-process runs get SIGTERM in their step number `steps`: they checkpoint and stop there,
+    without the final evaluation."""
+    real_step, done = run.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        done.append(1)
+        if len(done) == steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by run.py: the step completes
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "train_step", step_then_sigterm)
+        yield
 
 
 def checkpoint_of(folder):
@@ -102,6 +122,7 @@ def test_run_names_follow_the_configuration(argv, name):
     (["3", "train", "--val-size", "50000"], "--val-size"),
     (["3", "train", "--name", "../elsewhere"], "--name"),
     (["3", "train", "--device", "tpu"], "--device"),
+    (["3", "train", "--plain", "--shortcut", "B"], "a plain net (--plain) has no shortcuts"),
 ])
 def test_bad_flags_are_usage_errors(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -287,6 +308,23 @@ def test_resume_is_bit_exact_after_kill_9(synthetic_cifar, tmp_path):
     assert resumed.returncode == 0, err
     assert "resuming from iteration" in out
     assert_same_state(checkpoint_of(tmp_path / "once" / "resnet8-iters40"), checkpoint_of(folder))
+
+
+def test_a_run_stopped_at_an_evaluation_and_resumed_logs_every_point_once(synthetic_cifar,
+                                                                         tmp_path):
+    # Iteration 8 is a logging, evaluation and checkpoint iteration: what the stopped process
+    # logged there must survive the resume, and the evaluation must not be skipped.
+    with sigterm_after(8):
+        assert train(synthetic_cifar, tmp_path / "stopped", "--eval-every", "4") == \
+            128 + signal.SIGTERM
+    assert checkpoint_of(tmp_path / "stopped" / "resnet8-iters12")["iteration"] == 8
+    assert train(synthetic_cifar, tmp_path / "stopped", "--eval-every", "4") == 0
+    assert train(synthetic_cifar, tmp_path / "once", "--eval-every", "4") == 0
+    resumed, once = (plot_curves.load_scalars(str(tmp_path / kind / "resnet8-iters12"))
+                     for kind in ("stopped", "once"))
+    assert resumed["train/error"][0] == resumed["test/error"][0] == [4, 8, 12]
+    for tag in ("train/error", "train/loss", "test/error", "test/loss", "lr"):
+        assert resumed[tag] == once[tag], tag  # bit-exact resume: the same values
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_nonzero(synthetic_cifar, tmp_path):

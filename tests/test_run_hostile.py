@@ -22,7 +22,7 @@ import torch
 import run
 from conftest import ROOT
 from resnet import ResNet
-from test_run import assert_same_state, checkpoint_of
+from test_run import assert_same_state, checkpoint_of, sigterm_after
 
 ITERS = 24  # the lr drops at 12 and 18, so resumed runs cross both
 FLAGS = ["--iters", str(ITERS), "--log-every", "4", "--ckpt-every", "4", "--eval-every", "1000",
@@ -96,24 +96,6 @@ def reference(synthetic_cifar, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("reference")
     assert train(synthetic_cifar, logdir) == 0
     return checkpoint_of(logdir / NAME)
-
-
-@contextlib.contextmanager
-def sigterm_after(steps):
-    """In-process runs get SIGTERM in their step number `steps`: they checkpoint and stop there,
-    without the final evaluation."""
-    real_step, done = run.train_step, []
-
-    def step_then_sigterm(*args, **kwargs):
-        result = real_step(*args, **kwargs)
-        done.append(1)
-        if len(done) == steps:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by run.py: the step completes
-        return result
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "train_step", step_then_sigterm)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +453,24 @@ def test_an_unusable_logdir_is_a_one_line_error(layout, culprit, synthetic_cifar
     if os.path.isdir(tmp_path / "logs" / NAME):
         assert no_leftovers(tmp_path / "logs" / NAME)
         assert not os.path.exists(tmp_path / "logs" / NAME / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}'])
+def test_a_damaged_config_json_refuses_the_resume_until_moved_away(content, stopped,
+                                                                    synthetic_cifar, tmp_path,
+                                                                    capsys):
+    folder = tmp_path / NAME
+    shutil.copytree(stopped, folder)
+    (folder / "config.json").write_text(content)
+    assert train(synthetic_cifar, tmp_path) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert f"{folder / 'config.json'}:" in error and "move it away" in error
+    assert (folder / "checkpoint.pt").read_bytes() == (stopped / "checkpoint.pt").read_bytes()
+    assert (folder / "config.json").read_text() == content
+    (folder / "config.json").rename(tmp_path / "damaged-config.json")
+    assert train(synthetic_cifar, tmp_path) == 0
+    with open(folder / "config.json") as f:
+        assert json.load(f)["start"]["iteration"] == STOP_AT  # a new one, from the resume
 
 
 def without_root_powers(argv):

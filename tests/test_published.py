@@ -1,0 +1,70 @@
+"""What results/ publishes still holds with the current code: the weights give the published test
+error, and the table and README say what plot_curves.py makes of the published run folders."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+import plot_curves
+import run
+from resnet import ResNet, count_parameters
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+RUNS = os.path.join(RESULTS, "runs")
+FULL_SCHEDULE = os.path.join(RUNS, "resnet20-bf16")  # the published weights' run folder
+
+
+def read_json(folder, name):
+    with open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+def test_published_weights_match_their_sha256():
+    with open(os.path.join(FULL_SCHEDULE, "model.pt.sha256")) as f:
+        digest, name = f.read().split()
+    assert name == "model.pt"
+    with open(os.path.join(FULL_SCHEDULE, name), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == digest
+
+
+def test_published_weights_are_the_finished_full_schedule_resnet20():
+    state = run.load_checkpoint(os.path.join(FULL_SCHEDULE, "model.pt"))
+    config, result = state["config"], read_json(FULL_SCHEDULE, "result.json")
+    assert config == {k: read_json(FULL_SCHEDULE, "config.json")[k] for k in run.EXPERIMENT_KEYS}
+    assert (config["n"], config["plain"], config["shortcut"]) == (3, False, "A")
+    assert config["iters"] == state["iteration"] == result["iterations"] == 64_000
+    assert config["milestones"] == [32_000, 48_000]
+    model = ResNet(3)
+    model.load_state_dict(state["model"])
+    assert count_parameters(model) == result["params"] == 269_722
+
+
+def test_published_weights_evaluate_to_the_published_test_error(real_cifar, tmp_path):
+    # A copy, so that the test.json written next to it does not touch results/.
+    checkpoint = tmp_path / "model.pt"
+    shutil.copyfile(os.path.join(FULL_SCHEDULE, "model.pt"), checkpoint)
+    assert run.main(["3", "test", "--checkpoint", str(checkpoint), "--data-dir", real_cifar]) == 0
+    now, published = read_json(tmp_path, "test.json"), read_json(FULL_SCHEDULE, "test.json")
+    # The same weights and code give the same predictions here; 3 of 10,000 images may flip on
+    # a CPU whose bf16 kernels round differently.
+    assert now["test_error"] == pytest.approx(published["test_error"], abs=0.03)
+    assert now["layer_responses"] == pytest.approx(published["layer_responses"], rel=1e-2)
+    # Training ended with the same weights: its final evaluation is the published one.
+    assert published["test_error"] == pytest.approx(
+        read_json(FULL_SCHEDULE, "result.json")["test_error"], abs=0.03)
+
+
+def test_published_table_is_what_plot_curves_makes_of_the_published_runs(tmp_path):
+    assert plot_curves.main(["--logdir", RUNS, "--out", str(tmp_path), "--markdown-only"]) == 0
+    with open(tmp_path / "table6.md") as made, open(os.path.join(RESULTS, "table6.md")) as published:
+        assert made.read() == published.read()
+
+
+def test_readme_shows_the_published_table():
+    with open(os.path.join(RESULTS, "table6.md")) as table, open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    rows = [line for line in table.read().splitlines() if line.startswith("|")]
+    assert rows and all(line in readme for line in rows)
