@@ -511,7 +511,7 @@ def describe(config):
 
 # ---------------------------------------------------------------- train
 
-def open_run(folder, config):
+def open_run(folder, config, log_every):
     """The checkpoint to resume from (None for a new run), after checking it is this run's."""
     checkpoint_path = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(checkpoint_path):
@@ -524,6 +524,11 @@ def open_run(folder, config):
                          for k, (old, new) in changed.items())
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
                        "use another --name, or --fresh to start over")
+    warmup_window = state.get("log_every", log_every)
+    if uses_warmup(config) and state.get("warmup_end") is None and warmup_window != log_every:
+        raise RunError(f"{checkpoint_path}: its warm-up is still on and ends on the training "
+                       f"error of --log-every windows of {warmup_window} iterations; resume "
+                       f"with --log-every {warmup_window}")
     read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     return state
 
@@ -570,7 +575,7 @@ def train(args):
         if lead:
             try:
                 folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
-                state = open_run(folder, config)
+                state = open_run(folder, config, args.log_every)
                 outcome = ("resume", state)
                 if state is not None and state["iteration"] >= config["iters"] and \
                         os.path.exists(os.path.join(folder, "result.json")):
@@ -669,7 +674,7 @@ def train(args):
                     "optimizer": optimizer.state_dict(), "iteration": iteration,
                     "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
                     "window": whole_window.cpu(), "train_seconds": train_seconds,
-                    "rng": {"torch": torch.get_rng_state()}})
+                    "log_every": args.log_every, "rng": {"torch": torch.get_rng_state()}})
 
         def run_evaluation():
             if world.size > 1:  # rank 0's BN statistics, as saved, for every shard

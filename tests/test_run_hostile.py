@@ -455,6 +455,20 @@ def test_an_unusable_logdir_is_a_one_line_error(layout, culprit, synthetic_cifar
         assert not os.path.exists(tmp_path / "logs" / NAME / "checkpoint.pt")
 
 
+def test_a_resume_during_warmup_keeps_its_log_every_window(synthetic_cifar, tmp_path, capsys):
+    # Random labels keep the training error near 90%: the warm-up is still on at the stop.
+    with sigterm_after(STOP_AT):
+        assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 128 + signal.SIGTERM
+    capsys.readouterr()
+    checkpoint = tmp_path / f"{NAME}-warmup-on" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    assert train(synthetic_cifar, tmp_path, "--warmup", "on", "--log-every", "3") == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert str(checkpoint) in error and "resume with --log-every 4" in error
+    assert checkpoint.read_bytes() == before
+    assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 0
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}'])
 def test_a_damaged_config_json_refuses_the_resume_until_moved_away(content, stopped,
                                                                     synthetic_cifar, tmp_path,
