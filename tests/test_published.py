@@ -14,7 +14,10 @@ from resnet import ResNet, count_parameters
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
 RUNS = os.path.join(RESULTS, "runs")
+PARITY = os.path.join(RESULTS, "parity")  # ResNet-20 float32 vs bf16, 1/10 schedule
 FULL_SCHEDULE = os.path.join(RUNS, "resnet20-bf16")  # the published weights' run folder
+# Each folder of run folders, and where its table6.md is published.
+TABLES = [(RUNS, RESULTS), (PARITY, PARITY)]
 
 
 def read_json(folder, name):
@@ -48,23 +51,36 @@ def test_published_weights_evaluate_to_the_published_test_error(real_cifar, tmp_
     shutil.copyfile(os.path.join(FULL_SCHEDULE, "model.pt"), checkpoint)
     assert run.main(["3", "test", "--checkpoint", str(checkpoint), "--data-dir", real_cifar]) == 0
     now, published = read_json(tmp_path, "test.json"), read_json(FULL_SCHEDULE, "test.json")
-    # The same weights and code give the same predictions here; 3 of 10,000 images may flip on
-    # a CPU whose bf16 kernels round differently.
-    assert now["test_error"] == pytest.approx(published["test_error"], abs=0.03)
+    # Another CPU's bf16 kernels round differently: evaluating these weights in float32 instead
+    # of bf16 changes 15 predictions (the error by 0.03 points), so allow 10 images.
+    assert now["test_error"] == pytest.approx(published["test_error"], abs=0.1)
     assert now["layer_responses"] == pytest.approx(published["layer_responses"], rel=1e-2)
     # Training ended with the same weights: its final evaluation is the published one.
-    assert published["test_error"] == pytest.approx(
-        read_json(FULL_SCHEDULE, "result.json")["test_error"], abs=0.03)
+    assert published["test_error"] == read_json(FULL_SCHEDULE, "result.json")["test_error"]
 
 
-def test_published_table_is_what_plot_curves_makes_of_the_published_runs(tmp_path):
-    assert plot_curves.main(["--logdir", RUNS, "--out", str(tmp_path), "--markdown-only"]) == 0
-    with open(tmp_path / "table6.md") as made, open(os.path.join(RESULTS, "table6.md")) as published:
+@pytest.mark.parametrize("runs, out", TABLES)
+def test_published_table_is_what_plot_curves_makes_of_the_published_runs(runs, out, tmp_path):
+    assert plot_curves.main(["--logdir", runs, "--out", str(tmp_path), "--markdown-only"]) == 0
+    with open(tmp_path / "table6.md") as made, open(os.path.join(out, "table6.md")) as published:
         assert made.read() == published.read()
 
 
-def test_readme_shows_the_published_table():
-    with open(os.path.join(RESULTS, "table6.md")) as table, open(os.path.join(ROOT, "README.md")) as f:
+@pytest.mark.parametrize("runs, out", TABLES)
+def test_readme_shows_the_published_table(runs, out):
+    with open(os.path.join(out, "table6.md")) as table, open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     rows = [line for line in table.read().splitlines() if line.startswith("|")]
     assert rows and all(line in readme for line in rows)
+
+
+def test_published_runs_are_finished_and_small():
+    folders = [os.path.join(runs, name) for runs, _ in TABLES for name in os.listdir(runs)
+               if os.path.isdir(os.path.join(runs, name))]
+    assert folders
+    for folder in folders:
+        config, result = read_json(folder, "config.json"), read_json(folder, "result.json")
+        assert result["iterations"] == config["iters"], folder
+        assert "checkpoint.pt" not in os.listdir(folder), folder  # optimizer state: not published
+        for name in os.listdir(folder):
+            assert os.path.getsize(os.path.join(folder, name)) < 2 * 2**20, (folder, name)
