@@ -19,6 +19,12 @@ Training speed is images/s after `--warmup` discarded steps, the median of `--wi
 evaluation is excluded. Evaluation speed is one timed pass over `--eval-images` test images,
 after a warm-up pass. Printed: the machine, torch version and date, one markdown table, the time
 to load the 60,000 images, and the augmentation's share of a training step.
+
+The table also times each step's convolutions alone (forward, backward to weights and inputs, as
+PyTorch calls oneDNN or cuDNN, in the row's precision and memory format, on fixed tensors) and
+divides the reference's step time by it: the "convs-alone bound" is the speed-up a pipeline would
+have if batch norm, ReLU, shortcuts, loss, optimizer and data took no time at all (`+compile`
+rows: the same eager convolutions).
 """
 import argparse
 import collections
@@ -49,7 +55,8 @@ AMP = {"fp32": "none", "bf16": "bf16"}  # --precisions name -> run.py --amp
 Data = collections.namedtuple(
     "Data", "images labels test_images test_labels mean source load_seconds")
 Pipeline = collections.namedtuple("Pipeline", "step evaluate close")
-Row = collections.namedtuple("Row", "depth pipeline train_ips step_seconds speedup gflops eval_ips")
+Row = collections.namedtuple(
+    "Row", "depth pipeline train_ips step_seconds speedup gflops conv_seconds eval_ips")
 
 
 def depth_type(text):
@@ -268,6 +275,52 @@ def forward_macs(depth):
     return sum(macs)
 
 
+def conv_problems(depth, memory_format, dtype, device):
+    """(input, weight, output gradient, stride, padding, input needs a gradient) of every conv
+    in a training step of ResNet-depth at batch 128, as the pipeline's convs see them."""
+    model = ResNet((depth - 2) // 6)
+    shapes = {}
+
+    def record(conv, inputs, output):
+        shapes[conv] = inputs[0].shape, output.shape
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(BATCH, 3, 32, 32))
+    for handle in handles:
+        handle.remove()
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(shape):
+        return torch.randn(shape, generator=g).to(device, dtype, memory_format=memory_format)
+
+    return [(tensor(x_shape), tensor(conv.weight.shape), tensor(y_shape), conv.stride,
+             conv.padding, conv is not model.conv1)  # the first conv's input is the data
+            for conv, (x_shape, y_shape) in shapes.items()]
+
+
+def conv_seconds(problems, device, reps=5, windows=5):
+    """Median time of one step's convolutions alone: each one's forward and its backward to the
+    weights (and to its input, but for the first conv), on tensors that stay in the caches they
+    fit in. Everything else a step does (batch norm, ReLU, shortcuts, loss, optimizer, data) is
+    left out: a step that calls the same convolutions is not faster than this."""
+    def step():
+        for x, w, grad, stride, padding, input_grad in problems:
+            torch.nn.functional.conv2d(x, w, None, stride, padding)
+            torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, (1, 1), False,
+                                                (0, 0), 1, (input_grad, True, False))
+    step()
+    times = []
+    for _ in range(windows):
+        wait(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        wait(device)
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
 def variants(args):
     """(label, precision of ours or None for the reference, compiled), in table order."""
     out = [] if args.no_reference else [("reference fp32", None, False)]
@@ -282,7 +335,7 @@ def benchmark(args, data, device):
     so only one of them uses the cores at a time."""
     rows = []
     for depth in args.depths:
-        macs, reference_ips = forward_macs(depth), None
+        macs, reference_ips, convs = forward_macs(depth), None, {}
         for label, precision, compiled in variants(args):
             print(f"measuring ResNet-{depth} {label}", file=sys.stderr, flush=True)
             pipeline = (reference(depth, data, args.workers, device) if precision is None
@@ -295,10 +348,14 @@ def benchmark(args, data, device):
                 pipeline.close()
             if precision is None:
                 reference_ips = train_ips
+            if precision not in convs:  # the reference's are NCHW float32; ours channels_last
+                convs[precision] = conv_seconds(conv_problems(
+                    depth, torch.contiguous_format if precision is None else torch.channels_last,
+                    torch.bfloat16 if precision == "bf16" else torch.float32, device), device)
             rows.append(Row(depth, label, train_ips, step_seconds,
                             train_ips / reference_ips if reference_ips else None,
                             3 * 2 * macs * train_ips / 1e9,  # backward ~ 2x forward
-                            eval_ips))
+                            convs[precision], eval_ips))
     return rows
 
 
@@ -341,19 +398,23 @@ def header(args, argv, data, device):
 
 
 COLUMNS = ("depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
-           "eval img/s")
+           "ms/step", "convs alone ms/step", "convs-alone bound", "eval img/s")
 
 
 def table(rows):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    reference_step = {r.depth: r.step_seconds for r in rows if r.pipeline.startswith("reference")}
     for r in rows:
         speedup = f"{r.speedup:.2f}x" if r.speedup is not None else "-"
+        bound = (f"{reference_step[r.depth] / r.conv_seconds:.2f}x" if r.depth in reference_step
+                 else "-")
         lines.append(f"| {r.depth} | {r.pipeline} | {r.train_ips:,.0f} | {speedup} | "
-                     f"{r.gflops:.1f} | {r.eval_ips:,.0f} |")
+                     f"{r.gflops:.1f} | {1e3 * r.step_seconds:.1f} | "
+                     f"{1e3 * r.conv_seconds:.1f} | {bound} | {r.eval_ips:,.0f} |")
     return "\n".join(lines)
 
 
-def data_lines(data, augment_seconds, rows):
+def notes(data, augment_seconds, rows):
     load = (f"{len(data.images) + len(data.test_images):,} images in {data.load_seconds:.2f} s "
             "(cifar_binary.load_split, train + test)" if data.load_seconds is not None
             else "not measured (synthetic images)")
@@ -363,6 +424,8 @@ def data_lines(data, augment_seconds, rows):
         f"- data load: {load}",
         f"- augmentation (augment + normalize, batch {BATCH}): {1e3 * augment_seconds:.2f} ms, "
         f"as a share of a training step: {shares} (target: under 3%)",
+        "- convs-alone bound: the reference's ms/step over the row's convs alone ms/step, the "
+        "speed-up the row would reach if everything in a step but its convolutions took no time",
     ])
 
 
@@ -372,7 +435,7 @@ def main(argv=None):
     device = run.setup_machine(args)
     data = load_data(args.data_dir)
     rows = benchmark(args, data, device)
-    print(header(args, argv, data, device), table(rows), data_lines(
+    print(header(args, argv, data, device), table(rows), notes(
         data, augmentation_seconds(data, device), rows), sep="\n\n")
     return 0
 

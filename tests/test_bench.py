@@ -8,12 +8,26 @@ import bench
 # Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc).
 PUBLISHED_MACS = {20: 40.55e6, 56: 125.49e6}
 COLUMNS = ["depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
-           "eval img/s"]
+           "ms/step", "convs alone ms/step", "convs-alone bound", "eval img/s"]
 
 
 @pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
 def test_mac_counter_gives_the_published_figures(depth):
     assert bench.forward_macs(depth) == pytest.approx(PUBLISHED_MACS[depth], abs=0.1e6)
+
+
+@pytest.mark.parametrize("depth", [8, 20])
+def test_conv_problems_are_every_conv_of_a_step_in_the_pipelines_layout(depth):
+    problems = bench.conv_problems(depth, torch.channels_last, torch.bfloat16, torch.device("cpu"))
+    assert len(problems) == depth - 1  # 6n+1 3x3 convs; option A adds none
+    macs = sum(grad[0].numel() * w[0].numel() for x, w, grad, *_ in problems)  # per image
+    assert macs + 64 * 10 == bench.forward_macs(depth)  # the same convs as the MAC counter's fc
+    for x, w, grad, stride, padding, input_grad in problems:
+        assert x.shape[0] == grad.shape[0] == bench.BATCH
+        assert x.dtype == w.dtype == grad.dtype == torch.bfloat16
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.nn.functional.conv2d(x, w, None, stride, padding).shape == grad.shape
+    assert [p[-1] for p in problems] == [False] + [True] * (depth - 2)  # no grad for the data
 
 
 def test_depths_must_be_6n_plus_2():
@@ -49,8 +63,13 @@ def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, cap
     assert [(r[0], r[1]) for r in rows] == [("8", "reference fp32"), ("8", "ours fp32"),
                                             ("8", "ours bf16")]
     for r in rows:
-        assert r[3].endswith("x")
+        assert r[3].endswith("x") and r[7].endswith("x")
         assert all(number(cell) > 0 for cell in r[2:])
+        reference_ms, convs_ms = number(rows[0][5]), number(r[6])  # printed to 0.1 ms
+        bound = reference_ms / convs_ms
+        rounding = bound * (0.05 / reference_ms + 0.05 / convs_ms) + 0.005
+        assert number(r[7]) == pytest.approx(bound, abs=rounding)
     assert number(rows[0][3]) == 1.0
+    assert "- convs-alone bound:" in out
     assert "- data load: not measured (synthetic images)" in out
     assert "ResNet-8 ours fp32" in out and "ResNet-8 ours bf16" in out  # augmentation shares
