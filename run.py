@@ -142,6 +142,8 @@ def parse_args(argv=None):
         parser.error(f"--milestones must be below --iters {args.iters}, got {args.milestones}")
     if args.plain and args.shortcut != "A":
         parser.error("--shortcut: a plain net (--plain) has no shortcuts to choose")
+    if args.momentum >= 1:  # heavy-ball SGD diverges from momentum 1 on
+        parser.error(f"--momentum must be below 1, got {args.momentum:g}")
     if args.seed >= 2 ** 64:  # torch.manual_seed's range
         parser.error(f"--seed must be below 2**64, got {args.seed}")
     if args.val_size >= 50_000:

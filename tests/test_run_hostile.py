@@ -364,6 +364,8 @@ BAD_FLAGS = [
     (["1", "train", "--weight-decay", "inf"], "--weight-decay"),
     (["1", "train", "--momentum", "abc"], "--momentum"),
     (["1", "train", "--momentum", "-0.9"], "--momentum"),
+    (["1", "train", "--momentum", "1"], "--momentum"),
+    (["1", "train", "--momentum", "1.5"], "--momentum"),
     (["1", "train", "--eval-every", "0"], "--eval-every"),
     (["1", "train", "--ckpt-every", "-1"], "--ckpt-every"),
     (["1", "train", "--log-every", "0"], "--log-every"),
