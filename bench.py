@@ -29,6 +29,7 @@ rows: the same eager convolutions).
 import argparse
 import collections
 import itertools
+import math
 import os
 import platform
 import shlex
@@ -254,41 +255,34 @@ def augmentation_seconds(data, device, reps=50):
     return statistics.median(times)
 
 
-def forward_macs(depth):
-    """Multiply-accumulates of one image's forward pass through every conv and linear layer
-    (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
+def weighted_layers(depth, batch=1):
+    """The model and, for each of its conv and linear layers in forward order, (layer, input
+    shape, output shape) in a forward pass of `batch` images."""
     model = ResNet((depth - 2) // 6).eval()
-    macs = []
+    shapes = []
 
-    def count(module, inputs, output):
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            macs.append(output.numel() * module.in_channels // module.groups * kh * kw)
-        else:
-            macs.append(output.numel() * module.in_features)
+    def record(layer, inputs, output):
+        shapes.append((layer, inputs[0].shape, output.shape))
 
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.register_forward_hook(count)
+            module.register_forward_hook(record)
     with torch.no_grad():
-        model(torch.zeros(1, 3, 32, 32))
-    return sum(macs)
+        model(torch.zeros(batch, 3, 32, 32))
+    return model, shapes
+
+
+def forward_macs(depth):
+    """Multiply-accumulates of one image's forward pass through every conv and linear layer
+    (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
+    # Each output element of a layer takes one MAC per weight of its output channel/feature.
+    return sum(math.prod(out) * layer.weight[0].numel() for layer, _, out in weighted_layers(depth)[1])
 
 
 def conv_problems(depth, memory_format, dtype, device):
     """(input, weight, output gradient, stride, padding, input needs a gradient) of every conv
     in a training step of ResNet-depth at batch 128, as the pipeline's convs see them."""
-    model = ResNet((depth - 2) // 6)
-    shapes = {}
-
-    def record(conv, inputs, output):
-        shapes[conv] = inputs[0].shape, output.shape
-
-    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.zeros(BATCH, 3, 32, 32))
-    for handle in handles:
-        handle.remove()
+    model, layers = weighted_layers(depth, BATCH)
     g = torch.Generator().manual_seed(0)
 
     def tensor(shape):
@@ -296,7 +290,7 @@ def conv_problems(depth, memory_format, dtype, device):
 
     return [(tensor(x_shape), tensor(conv.weight.shape), tensor(y_shape), conv.stride,
              conv.padding, conv is not model.conv1)  # the first conv's input is the data
-            for conv, (x_shape, y_shape) in shapes.items()]
+            for conv, x_shape, y_shape in layers if isinstance(conv, nn.Conv2d)]
 
 
 def conv_seconds(problems, device, reps=5, windows=5):
