@@ -276,7 +276,8 @@ def forward_macs(depth):
     """Multiply-accumulates of one image's forward pass through every conv and linear layer
     (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
     # Each output element of a layer takes one MAC per weight of its output channel/feature.
-    return sum(math.prod(out) * layer.weight[0].numel() for layer, _, out in weighted_layers(depth)[1])
+    _, layers = weighted_layers(depth)
+    return sum(math.prod(out) * layer.weight[0].numel() for layer, _, out in layers)
 
 
 def conv_problems(depth, memory_format, dtype, device):
