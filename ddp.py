@@ -22,6 +22,15 @@ class World:
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
                    int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
 
+    def batch_share(self, batch_size):
+        """Images of each global batch that one process trains on."""
+        return batch_size // self.size
+
+    def batch_shard(self, batch_size):
+        """This process's part of each global batch."""
+        share = self.batch_share(batch_size)
+        return slice(self.rank * share, (self.rank + 1) * share)
+
 
 def from_rank_0(world, outcome):
     """Rank 0's `outcome` on every rank (it decides about the run folder for all)."""

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def depth_of(n):
+    """Weighted layers of a net with n blocks per stage: the first conv, 6n convs, the fc."""
+    return 6 * n + 2
+
+
 class ZeroPadShortcut(nn.Module):
     """Option A: subsample by `stride` and append zero channels up to `out_channels`."""
 
@@ -96,7 +101,7 @@ class ResNet(nn.Module):
 
     @property
     def depth(self):
-        return 6 * self.n + 2
+        return depth_of(self.n)
 
     def forward(self, x):  # (B, 3, 32, 32) float -> (B, num_classes) logits
         out = F.relu(self.bn1(self.conv1(x)))
@@ -167,4 +172,4 @@ if __name__ == "__main__":
     for n in (3, 5, 7, 9, 18, 200):
         counts = [count_parameters(ResNet(n, **kw)) for kw in
                   ({}, {"plain": True}, {"shortcut": "B"})]
-        print(f"| {n} | {6 * n + 2} | " + " | ".join(f"{c:,}" for c in counts) + " |")
+        print(f"| {n} | {depth_of(n)} | " + " | ".join(f"{c:,}" for c in counts) + " |")

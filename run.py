@@ -9,15 +9,13 @@ from its checkpoint. Everything else is a flag; the defaults are the paper's.
 """
 import argparse
 import contextlib
-import ctypes
+import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -28,7 +26,9 @@ import torch.nn.functional as F
 
 import cifar_binary
 from ddp import World, from_rank_0, ranks_agree, sync_batchnorm
-from resnet import LayerResponses, ResNet, count_parameters
+from plumbing import (RunError, atomic_write, available_memory, git_commit, keep_freed_memory,
+                      run_folder, training_memory, write_json)
+from resnet import LayerResponses, ResNet, count_parameters, depth_of
 
 # The paper's recipe, Section 4.2 (and 3.4), in one place.
 PAPER = dict(
@@ -43,14 +43,21 @@ PAPER = dict(
     warmup_min_n=18,            # warm-up by default from ResNet-110 (n=18) on
 )
 WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
-CHECKPOINT_FORMAT = 1
 # Settings that define the experiment: a resume must not change them.
 EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
                    "weight_decay", "momentum", "seed", "val_size", "warmup", "amp")
-
-
-class RunError(Exception):
-    """A failure the user can act on; main() prints it as one line and exits 1."""
+# The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
+# both also hold "digest", the sha256 of the rest (tensor_digest).
+CHECKPOINT_FORMAT = 1
+# The weights and the optimizer state are checked by loading them into the network (a
+# checkpoint of another network "does not fit"), not here.
+CHECKPOINT_TYPES = {
+    "format": int, "model": object, "iteration": int, "per_pixel_mean": torch.Tensor,
+    "config": dict, "optimizer": object, "warmup_end": (int, type(None)),
+    "window": torch.Tensor, "train_seconds": (int, float), "log_every": int, "rng": dict}
+MODEL_KEYS = ("format", "model", "iteration", "per_pixel_mean", "config")
+CHECKPOINT_KEYS = tuple(CHECKPOINT_TYPES)
+SINCE_LATER = ("log_every",)  # absent from checkpoints of older versions, which still load
 
 
 # ---------------------------------------------------------------- command line
@@ -77,29 +84,45 @@ non_negative_float = number_type(float, 0.0)
 positive_float = number_type(float, 0.0, inclusive=False)
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, unless its help already says it."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in action.help else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Train or test the CIFAR-10 ResNets and plain nets of He et al. 2015 (Sec. 4.2).")
+        description="Train or test the CIFAR-10 ResNets and plain nets of He et al. 2015 (Sec. 4.2).",
+        formatter_class=HelpWithDefaults)
     p.add_argument("n", type=positive_int, metavar="N", help="blocks per stage; depth is 6N+2 "
                    "(3: 20 layers, 5: 32, 7: 44, 9: 56, 18: 110, 200: 1202)")
-    p.add_argument("mode", choices=("train", "test"))
+    p.add_argument("mode", choices=("train", "test"),
+                   help="train: train with the recipe below in <logdir>/<name>, resuming its "
+                        "checkpoint if there is one; test: evaluate a run's checkpoint on the "
+                        "test set (error, per-class errors, layer responses) into test.json")
     net = p.add_argument_group("network")
     net.add_argument("--plain", action="store_true", help="no shortcuts (the paper's plain nets)")
     net.add_argument("--shortcut", choices=("A", "B"), default="A",
                      help="A: zero-padding identity (paper's CIFAR choice); B: projection")
     rec = p.add_argument_group("recipe (defaults are the paper's)")
-    rec.add_argument("--iters", type=positive_int, default=PAPER["iters"])
+    rec.add_argument("--iters", type=positive_int, default=PAPER["iters"],
+                     help="training iterations (SGD steps)")
     rec.add_argument("--milestones", type=positive_int, nargs="+", default=None,
                      help="iterations at which the lr is divided by 10 (default: 32000 48000, "
                           "or 1/2 and 3/4 of --iters when --iters is given)")
-    rec.add_argument("--lr", type=positive_float, default=PAPER["lr"])
-    rec.add_argument("--batch-size", type=positive_int, default=PAPER["batch_size"])
-    rec.add_argument("--weight-decay", type=non_negative_float, default=PAPER["weight_decay"])
-    rec.add_argument("--momentum", type=non_negative_float, default=PAPER["momentum"])
+    rec.add_argument("--lr", type=positive_float, default=PAPER["lr"], help="initial learning rate")
+    rec.add_argument("--batch-size", type=positive_int, default=PAPER["batch_size"],
+                     help="global batch (split among processes under torchrun)")
+    rec.add_argument("--weight-decay", type=non_negative_float, default=PAPER["weight_decay"],
+                     help="L2 weight decay, on every parameter")
+    rec.add_argument("--momentum", type=non_negative_float, default=PAPER["momentum"],
+                     help="SGD momentum")
     rec.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
                      help=f"lr {PAPER['warmup_lr']} until training error < "
                           f"{PAPER['warmup_until_error']:.0f}%%; auto: for N >= {PAPER['warmup_min_n']}")
-    rec.add_argument("--seed", type=non_negative_int, default=0)
+    rec.add_argument("--seed", type=non_negative_int, default=0,
+                     help="initial weights, batch order and augmentation")
     rec.add_argument("--val-size", type=non_negative_int, default=0,
                      help="hold out the last K training images (paper's analysis: 5000)")
     rec.add_argument("--amp", choices=("none", "bf16"), default="none",
@@ -107,22 +130,27 @@ def build_parser():
     data = p.add_argument_group("data and run folder")
     data.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR") or
                       os.path.join("data", "cifar-10-batches-bin"),
-                      help="folder of the binary batches (default: $CIFAR10_DIR, else %(default)s)")
+                      help="folder of the binary batches (default: $CIFAR10_DIR, else "
+                           "data/cifar-10-batches-bin; here: %(default)s)")
     data.add_argument("--download", action="store_true", help="fetch the official archive first")
-    data.add_argument("--logdir", default="logs")
-    data.add_argument("--name", default=None, help="run folder name (default: from the config)")
+    data.add_argument("--logdir", default="logs", help="folder of the run folders")
+    data.add_argument("--name", default=None,
+                      help="run folder name (default: from the settings that differ from the "
+                           "paper's, e.g. resnet56-bf16)")
     data.add_argument("--fresh", action="store_true",
                       help="start over; an existing run folder is moved to <logdir>/.replaced/")
-    data.add_argument("--checkpoint", default=None, help="test: evaluate this checkpoint file")
+    data.add_argument("--checkpoint", default=None,
+                      help="test: evaluate this checkpoint file (default: the run folder's)")
     ops = p.add_argument_group("monitoring and machine")
     ops.add_argument("--eval-every", type=positive_int, default=1000,
                      help="evaluate on the test set every K iterations")
-    ops.add_argument("--ckpt-every", type=positive_int, default=1000)
+    ops.add_argument("--ckpt-every", type=positive_int, default=1000,
+                     help="write checkpoint.pt every K iterations")
     ops.add_argument("--log-every", type=positive_int, default=100,
                      help="window of the running train error/loss, in iterations")
     ops.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
     ops.add_argument("--threads", type=positive_int, default=None,
-                     help="CPU threads (default: all cores)")
+                     help="CPU threads (default: all cores, shared among a node's processes)")
     ops.add_argument("--compile", action="store_true", help="torch.compile the model")
     ops.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BN statistics over the global batch, not per process")
@@ -173,7 +201,7 @@ def parse_args(argv=None):
 def default_name(args):
     """e.g. resnet56, plain20, resnet20-B, resnet110-seed3: every departure from the paper's
     recipe shows in the name, so different configurations never share a folder."""
-    parts = [f"{'plain' if args.plain else 'resnet'}{6 * args.n + 2}"]
+    parts = [f"{'plain' if args.plain else 'resnet'}{depth_of(args.n)}"]
     if args.shortcut != "A" and not args.plain:
         parts.append(args.shortcut)
     if args.amp != "none":
@@ -307,33 +335,46 @@ def evaluate(model, images, labels, mean, amp):
             "per_class_error": (100.0 * wrong / per_class).tolist()}
 
 
-# ---------------------------------------------------------------- files
+# ---------------------------------------------------------------- checkpoints
 
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+def tensor_digest(state):
+    """sha256 of every value in a checkpoint, tensors byte for byte, in a fixed order: a byte
+    damaged on disk inside a tensor (which torch.load does not notice) changes it."""
+    digest = hashlib.sha256()
 
-
-def atomic_write(path, write):
-    """Write via a temporary file in the same folder, fsync, then os.replace: a crash at any
-    moment leaves either the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            digest.update(repr((value.dtype, tuple(value.shape))).encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+    visit({k: v for k, v in state.items() if k != "digest"})
+    return digest.hexdigest()
 
 
-def save_checkpoint(path, state):
+def on_cpu(value):
+    """The checkpoint with every tensor on the CPU: it loads on a machine without a GPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    return value
+
+
+def save_checkpoint(path, state, keys=CHECKPOINT_KEYS):
+    """Write the `keys` of `state` (CHECKPOINT_KEYS, or MODEL_KEYS for model.pt) with their
+    digest, atomically."""
+    state = on_cpu({key: state[key] for key in keys})
+    state["digest"] = tensor_digest(state)
     try:
         atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:
@@ -344,7 +385,9 @@ def save_checkpoint(path, state):
                        "checkpoint is intact") from None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, keys=MODEL_KEYS):
+    """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise.
+    Its digest is checked by `verify_digest` once its contents were found to fit."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -354,14 +397,21 @@ def load_checkpoint(path):
         raise RunError(f"{path}: not a readable checkpoint of this project ({reason}); move it "
                        "away, or pass --fresh to start the run over") from None
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
-            and {"model", "config", "iteration", "per_pixel_mean"} <= state.keys()
-            and isinstance(state["config"], dict) and set(EXPERIMENT_KEYS) <= state["config"].keys()
+            and all(isinstance(state[key], CHECKPOINT_TYPES[key]) if key in state
+                    else key in SINCE_LATER for key in keys)
             and type(state["iteration"]) is int and state["iteration"] >= 0
-            and isinstance(state["per_pixel_mean"], torch.Tensor)
+            and set(EXPERIMENT_KEYS) <= state["config"].keys()
             and state["per_pixel_mean"].shape == (3, 32, 32)):
         raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
-                       "model/config/iteration/per-pixel mean); pass --fresh to start the run over")
+                       f"{'/'.join(keys[1:])}); pass --fresh to start the run over")
     return state
+
+
+def verify_digest(path, state):
+    """Checkpoints written before digests were stored have none, and load as they are."""
+    if "digest" in state and state["digest"] != tensor_digest(state):
+        raise RunError(f"{path}: damaged (its contents do not match the digest stored with them); "
+                       "move it away, or pass --fresh to start the run over")
 
 
 @contextlib.contextmanager
@@ -373,56 +423,6 @@ def checkpoint_must_fit(path, config):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RunError(f"{path}: does not fit {describe(config)} ({reason}); move it away, or "
                        "pass --fresh to start the run over") from None
-
-
-def git_commit():
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain",
-                                "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
-@contextlib.contextmanager
-def run_folder(logdir, name, fresh):
-    """Create <logdir>/<name> and hold its lock for the whole run: a second process on the
-    same folder is refused instead of interleaving checkpoints."""
-    if os.path.exists(logdir) and not os.path.isdir(logdir):
-        raise RunError(f"--logdir {logdir}: is a file, expected a folder")
-    folder = os.path.join(logdir, name)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, ".lock"), "a+")
-    except OSError as e:
-        raise RunError(f"--logdir {logdir}: cannot create run folder {folder} ({e.strerror})") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise RunError(f"{folder}: in use by another process (pid {lock.read().strip() or '?'}); "
-                           "one run per folder") from None
-        if fresh and len(os.listdir(folder)) > 1:
-            replaced = os.path.join(logdir, ".replaced", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.makedirs(os.path.dirname(replaced), exist_ok=True)
-            os.replace(folder, replaced)
-            print(f"--fresh: moved the previous run to {replaced}")
-            with run_folder(logdir, name, fresh=False) as new_folder:
-                yield new_folder
-            return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        for name in os.listdir(folder):  # half-written by a process that died mid-write
-            if ".tmp-" in name:
-                os.remove(os.path.join(folder, name))
-        yield folder
 
 
 # ---------------------------------------------------------------- setup shared by train and test
@@ -453,43 +453,40 @@ def setup_machine(args, world=None):
     return device
 
 
-def training_memory(n, batch_size):
-    """A lower bound on the bytes training needs: per image, the two float32 maps autograd keeps
-    for each of the 6n 3x3 layers (conv output, ReLU output), plus weights, gradients, momentum."""
-    maps_per_block = 2 * 2 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)  # per block and stage
-    weights = 2 * 9 * (16 * 16 + 32 * 32 + 64 * 64) * n
-    return 4 * (batch_size * n * maps_per_block + 3 * weights)
-
-
-def available_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    limits = []
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo") as f:
-            limits += [int(line.split()[1]) * 1024 for line in f
-                       if line.startswith("MemAvailable:")]
-    with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2)
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limits.append(int(f.read()) - int(g.read()))  # "max" (no limit) fails int()
-    return min(limits, default=None)  # None: unknown, no check
-
-
-def keep_freed_memory():
-    """Let glibc's malloc reuse freed activation buffers instead of returning them to the OS
-    and page-faulting them back in at every step (measured: ~8% faster CPU training)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large buffers come from the heap
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: and stay there once freed
+def check_memory(config, world, device):
+    needed = training_memory(config["n"], world.batch_share(config["batch_size"]))
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise RunError(f"N={config['n']} (depth {depth_of(config['n'])}) needs at least "
+                       f"{needed / 2**30:.1f} GiB to train with batches of "
+                       f"{world.batch_share(config['batch_size'])} on {device}, but "
+                       f"{available / 2**30:.1f} GiB is available; use a smaller N, or more "
+                       "processes")
 
 
 def load_data(args, split):
     if args.download:
         cifar_binary.download(args.data_dir)
     return cifar_binary.load_split(args.data_dir, split)
+
+
+@dataclasses.dataclass
+class Splits:
+    """The images (uint8, (N, 3, 32, 32)) and labels of training, validation and test, and
+    the per-pixel mean of the training images in use."""
+    train: tuple
+    val: tuple
+    test: tuple
+    per_pixel_mean: torch.Tensor
+
+    @classmethod
+    def load(cls, args):
+        train, val = cifar_binary.train_val_split(*load_data(args, "train"), args.val_size)
+        return cls(train, val, load_data(args, "test"), cifar_binary.per_pixel_mean(train[0]))
+
+    def to(self, device):
+        on = lambda pair: tuple(t.to(device) for t in pair)
+        return Splits(on(self.train), on(self.val), on(self.test), self.per_pixel_mean.to(device))
 
 
 def build_model(config, device):
@@ -507,18 +504,51 @@ def experiment_config(args):
 
 
 def describe(config):
-    net = f"{'plain' if config['plain'] else 'ResNet'}-{6 * config['n'] + 2}"
+    net = f"{'plain' if config['plain'] else 'ResNet'}-{depth_of(config['n'])}"
     return net if config["plain"] else f"{net} (option {config['shortcut']})"
 
 
-# ---------------------------------------------------------------- train
+def report(config, params, test_result):
+    """The fields result.json and test.json share: the network and its test error."""
+    return {"test_error": test_result["error"], "test_loss": test_result["loss"],
+            "depth": depth_of(config["n"]), "params": params, "plain": config["plain"],
+            "shortcut": config["shortcut"]}
 
-def open_run(folder, config, log_every):
+
+# ---------------------------------------------------------------- opening a run
+
+def open_run(args, config, world, stack):
+    """Rank 0 takes the run folder (its lock held until `stack` closes) and decides for every
+    process: a new run (None), a resume (the checkpoint), or nothing to do ("finished")."""
+    folder = os.path.join(args.logdir, args.name)
+    outcome = None
+    if world.rank == 0:
+        try:
+            folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
+            state = resumable_checkpoint(folder, config, args.log_every)
+            outcome = ("resume", state)
+            if state is not None and state["iteration"] >= config["iters"] and \
+                    os.path.exists(os.path.join(folder, "result.json")):
+                outcome = ("finished", f"{folder}: already finished ({state['iteration']} "
+                                       "iterations); --fresh starts it over")
+        except RunError as e:
+            outcome = ("error", str(e))
+    kind, state = from_rank_0(world, outcome)
+    if kind == "error":
+        raise RunError(state)
+    if kind == "finished":
+        if world.rank == 0:
+            print(state)
+        return folder, "finished"
+    return folder, state
+
+
+def resumable_checkpoint(folder, config, log_every):
     """The checkpoint to resume from (None for a new run), after checking it is this run's."""
     checkpoint_path = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(checkpoint_path):
         return None
-    state = load_checkpoint(checkpoint_path)
+    state = load_checkpoint(checkpoint_path, CHECKPOINT_KEYS)
     changed = {k: (state["config"].get(k), v) for k, v in config.items()
                if state["config"].get(k) != v}
     if changed:
@@ -527,7 +557,7 @@ def open_run(folder, config, log_every):
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
                        "use another --name, or --fresh to start over")
     warmup_window = state.get("log_every", log_every)
-    if uses_warmup(config) and state.get("warmup_end") is None and warmup_window != log_every:
+    if uses_warmup(config) and state["warmup_end"] is None and warmup_window != log_every:
         raise RunError(f"{checkpoint_path}: its warm-up is still on and ends on the training "
                        f"error of --log-every windows of {warmup_window} iterations; resume "
                        f"with --log-every {warmup_window}")
@@ -552,245 +582,332 @@ def read_run_info(folder):
     return info
 
 
+def write_run_info(args, run, resumed):
+    """config.json: every setting, and the machine and code of the start and of each resume."""
+    info = {**run.config, "depth": depth_of(run.config["n"]), "params": run.params,
+            "name": args.name, "data_dir": os.path.abspath(args.data_dir),
+            "train_images": len(run.data.train[0]), "eval_every": args.eval_every,
+            "ckpt_every": args.ckpt_every, "log_every": args.log_every,
+            "compile": args.compile, "sync_bn": args.sync_bn}
+    machine = {"device": str(run.device), "processes": run.world.size,
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "iteration": run.iteration}
+    saved = read_run_info(run.folder) if resumed else None
+    if saved is None:
+        saved = {**info, "start": machine, "resumes": []}
+    else:
+        saved["resumes"].append(machine)
+    write_json(os.path.join(run.folder, "config.json"), saved)
+    print(f"{describe(run.config)}: {run.params:,} parameters, {len(run.data.train[0]):,} "
+          f"training images ({len(run.data.val[0]):,} held out), {run.world.size} x "
+          f"{run.device}, {torch.get_num_threads()} threads")
+    print(textwrap.fill("  ".join(f"{k}={v}" for k, v in info.items()
+                                  if k not in ("depth", "params")), width=100,
+                        break_long_words=False, break_on_hyphens=False))
+    print(f"run folder: {run.folder}  (tensorboard --logdir={args.logdir})")
+
+
+# ---------------------------------------------------------------- the state a run's phases share
+
+class Window:
+    """The running sums of one --log-every window (loss x images, errors, images), kept on the
+    device and read once a window. Under torchrun each process holds its shards' part."""
+
+    def __init__(self, device, batch_images, world):
+        self.world = world
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.batch_images = torch.tensor(float(batch_images), dtype=torch.float64, device=device)
+
+    def add(self, loss, wrong):
+        self.sums += torch.stack([loss.double() * self.batch_images, wrong.double(),
+                                  self.batch_images])
+
+    def whole(self):
+        """Every process's part summed: what a checkpoint saves, mid-window too."""
+        sums = self.sums.clone()
+        if self.world.size > 1:
+            dist.all_reduce(sums)
+        return sums
+
+    def restore(self, saved):
+        if self.world.rank == 0:  # the saved window holds every process's part: restore it once
+            self.sums = saved.to(self.sums.device, torch.float64).reshape(3)
+
+    def close(self, signalled):
+        """(loss sum, errors, images, whether any process was signalled) over all processes,
+        in one read of the device; the next window starts from zero."""
+        flag = torch.tensor([float(signalled)], dtype=torch.float64, device=self.sums.device)
+        totals = torch.cat([self.sums, flag])
+        if self.world.size > 1:
+            dist.all_reduce(totals)
+        loss_sum, wrong, count, signalled = totals.tolist()
+        self.sums.zero_()
+        return loss_sum, wrong, count, signalled > 0
+
+
+class Warmup:
+    """The paper's warm-up (ResNet-110 and deeper by default): lr 0.01 until a window's
+    training error is below 80%."""
+
+    def __init__(self, config, ended_at):
+        self.ended_at = ended_at
+        self.on = uses_warmup(config) and ended_at is None
+
+    def window_closed(self, iteration, train_error):
+        """Whether the warm-up ends with this window."""
+        if self.on and warmup_ends(iteration, train_error):
+            self.on, self.ended_at = False, iteration
+            return True
+        return False
+
+
+class TrainingClock:
+    """Seconds spent training: evaluations and checkpoints run inside `paused()`."""
+
+    def __init__(self, seconds=0.0):
+        self.seconds, self.lap_seconds, self.since = seconds, 0.0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.lap_seconds += time.perf_counter() - self.since
+        try:
+            yield
+        finally:
+            self.since = time.perf_counter()
+
+    def lap(self):
+        """Training seconds since the previous lap."""
+        now = time.perf_counter()
+        lap, self.lap_seconds, self.since = self.lap_seconds + now - self.since, 0.0, now
+        self.seconds += lap
+        return lap
+
+
+# ---------------------------------------------------------------- the phases of a training run
+
+class Run:
+    """What a training run's phases share: the network, optimizer and data on the device,
+    where the run stands (iteration, warm-up, window, clock) and where it writes."""
+
+    def __init__(self, args, config, world, device, data, folder, state):
+        self.args, self.config, self.world, self.device, self.folder, self.data = \
+            args, config, world, device, folder, data
+        self.lead = world.rank == 0  # the process that writes the run folder
+        self.checkpoint_path = os.path.join(folder, "checkpoint.pt")
+        torch.manual_seed(config["seed"])
+        self.model = build_model(config, device)
+        if args.sync_bn and world.size > 1:
+            self.model = sync_batchnorm(self.model, device)
+        self.params = count_parameters(self.model)
+        self.optimizer = build_optimizer(self.model, config)
+        self.window = Window(device, world.batch_share(config["batch_size"]), world)
+        self.iteration, self.signals, self.stopping = 0, [], False
+        self.clock, self.warmup = TrainingClock(), Warmup(config, None)
+        if state is not None:
+            with checkpoint_must_fit(self.checkpoint_path, config):
+                self.restore(state)
+            verify_digest(self.checkpoint_path, state)
+            if self.lead:
+                print(f"resuming from iteration {self.iteration}")
+        if self.lead:
+            write_run_info(args, self, resumed=state is not None)
+        self.data = self.data.to(device)
+        self.step_model = self.model
+        if world.size > 1:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None)
+        if args.compile:
+            self.step_model = torch.compile(self.step_model)
+        self.order = BatchOrder(config["seed"], len(self.data.train[0]), config["batch_size"],
+                                device)
+        self.shard = world.batch_shard(config["batch_size"])
+        self.augment_generator = torch.Generator(device=device)
+
+    def restore(self, state):
+        """Weights, momentum, position, window, RNG and per-pixel mean from a checkpoint."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for param, saved in self.optimizer.state.items():  # torch checks no shapes here
+            buffer = saved.get("momentum_buffer")
+            if buffer is not None and buffer.shape != param.shape:
+                raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for "
+                                 f"a parameter of shape {tuple(param.shape)}")
+        self.iteration = int(state["iteration"])
+        self.warmup = Warmup(self.config, state["warmup_end"])
+        self.clock = TrainingClock(float(state["train_seconds"]))
+        self.window.restore(state["window"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.data.per_pixel_mean = state["per_pixel_mean"]
+
+    def __enter__(self):
+        """Catch SIGINT/SIGTERM (the run stops cleanly), open the event file and progress bar."""
+        from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
+        from tqdm import tqdm
+        on_signal = lambda signum, frame: self.signals.append(signum)
+        self.previous_handlers = {s: signal.signal(s, on_signal)
+                                  for s in (signal.SIGINT, signal.SIGTERM)}
+        # A resumed writer hides what the previous process logged after its checkpoint; what it
+        # logged at the checkpoint's own iteration (before saving) stays.
+        self.writer = (SummaryWriter(self.folder, flush_secs=30,
+                                     purge_step=self.iteration + 1 if self.iteration else None)
+                       if self.lead else None)
+        self.bar = tqdm(total=self.config["iters"], initial=self.iteration, dynamic_ncols=True,
+                        smoothing=0.05, disable=None if self.lead else True)
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for s, handler in self.previous_handlers.items():
+            signal.signal(s, handler)
+        if self.writer:
+            self.writer.close()
+
+    def log(self, tag, value):
+        if self.lead:
+            self.writer.add_scalar(tag, value, self.iteration)
+
+    def step(self):
+        """One SGD step on the iteration's batch, at the iteration's learning rate."""
+        lr = lr_at(self.iteration, self.config["lr"], self.config["milestones"], self.warmup.on)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.order(self.iteration)
+        self.augment_generator.manual_seed(
+            derived_seed(self.config["seed"], "augment", self.iteration))
+        images, labels = self.data.train
+        loss, wrong = train_step(self.step_model, self.optimizer, images[batch], labels[batch],
+                                 self.data.per_pixel_mean, self.augment_generator,
+                                 self.config["amp"], self.shard)
+        self.window.add(loss, wrong)
+        self.iteration += 1
+        self.bar.update(1)
+        # A lone process stops after any step; processes stop together after a window.
+        self.stopping = bool(self.signals) and self.world.size == 1
+
+    def end_window(self):
+        """Log the window's training loss, error, lr and speed; end the warm-up on its error."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum, wrong, count, self.stopping = self.window.close(bool(self.signals))
+        elapsed = self.clock.lap()
+        if not math.isfinite(loss_sum):
+            raise RunError(f"training loss is not finite in the window ending at iteration "
+                           f"{self.iteration} (lr {lr:g}); the last good checkpoint "
+                           f"{self.checkpoint_path} is kept")
+        train_error, speed = 100.0 * wrong / count, count / elapsed if elapsed > 0 else 0.0
+        for tag, value in (("train/loss", loss_sum / count), ("train/error", train_error),
+                           ("lr", lr), ("speed/images_per_second", speed)):
+            self.log(tag, value)
+        self.bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
+                             lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
+        if self.warmup.window_closed(self.iteration, train_error):
+            self.log("warmup/ended_at", self.iteration)
+            self.bar.write(f"warm-up ended at iteration {self.iteration} "
+                           f"(train error {train_error:.1f}%)")
+
+    def evaluate(self):
+        """Test (and validation) error and loss, logged; the model in eval mode."""
+        with self.clock.paused():
+            if self.world.size > 1:  # rank 0's BN statistics, as saved, for every shard
+                for buffer in self.model.buffers():
+                    dist.broadcast(buffer, src=0)
+            splits = {"test": self.data.test, "val": self.data.val}
+            results = {name: evaluate(self.model, *split, self.data.per_pixel_mean,
+                                      self.config["amp"])
+                       for name, split in splits.items() if len(split[0])}
+            for name, result in results.items():
+                self.log(f"{name}/error", result["error"])
+                self.log(f"{name}/loss", result["loss"])
+        return results
+
+    def report_evaluation(self):
+        results = self.evaluate()
+        self.bar.write(f"iter {self.iteration}: test error {results['test']['error']:.2f}%"
+                       + (f", val error {results['val']['error']:.2f}%" if "val" in results
+                          else "") + f", epoch {self.order.epoch_of(self.iteration):.1f}")
+
+    def model_state(self):
+        """The checkpoint's MODEL_KEYS: what model.pt holds."""
+        return {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                "iteration": self.iteration, "per_pixel_mean": self.data.per_pixel_mean,
+                "config": self.config}
+
+    def state(self):
+        """The checkpoint's contents (CHECKPOINT_KEYS), every process's window summed."""
+        return {**self.model_state(), "optimizer": self.optimizer.state_dict(),
+                "warmup_end": self.warmup.ended_at, "window": self.window.whole(),
+                "train_seconds": self.clock.seconds, "log_every": self.args.log_every,
+                "rng": {"torch": torch.get_rng_state()}}
+
+    def save(self):
+        """checkpoint.pt, after checking the weights are finite and the same in every process."""
+        with self.clock.paused():
+            weights = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+            if not all(torch.isfinite(t).all() for t in weights):  # BN statistics included
+                raise RunError(f"weights are not finite at iteration {self.iteration} (training "
+                               f"diverged); the last good checkpoint {self.checkpoint_path} is kept")
+            if self.world.size > 1 and not ranks_agree(self.model):
+                raise RunError(f"the processes' weights differ at iteration {self.iteration}; "
+                               "not saving them")
+            state = self.state()
+            if self.lead:
+                save_checkpoint(self.checkpoint_path, state)
+
+    def stopped(self):
+        """The exit code of a run stopped by a signal, its checkpoint written."""
+        if self.lead:
+            print(f"stopped by a signal at iteration {self.iteration}; checkpoint written, "
+                  "run the same command to resume", file=sys.stderr)
+        return 128 + (self.signals[0] if self.signals else signal.SIGTERM)
+
+    def finish(self):
+        """The final evaluation (never a best one picked on the test set), result.json and
+        model.pt, the final weights to share."""
+        results = self.evaluate()
+        if not self.lead:
+            return 0
+        seconds = self.clock.seconds
+        result = {**report(self.config, self.params, results["test"]),
+                  **({"val_error": results["val"]["error"]} if "val" in results else {}),
+                  "iterations": self.iteration, "seed": self.config["seed"],
+                  "amp": self.config["amp"], "warmup_end": self.warmup.ended_at,
+                  "train_seconds": round(seconds, 1),
+                  "images_per_second": round(self.iteration * self.config["batch_size"]
+                                             / seconds, 1) if seconds else None}
+        save_checkpoint(os.path.join(self.folder, "model.pt"), self.model_state(), MODEL_KEYS)
+        write_json(os.path.join(self.folder, "result.json"), result)
+        print(f"{describe(self.config)} after {self.iteration} iterations: "
+              f"test error {result['test_error']:.2f}%")
+        return 0
+
+
+# ---------------------------------------------------------------- train
+
 def train(args):
     world = World.from_environment()
     device = setup_machine(args, world)
     config = experiment_config(args)
-    lead = world.rank == 0  # the process that writes the run folder
-    needed = training_memory(config["n"], config["batch_size"] // world.size)
-    available = available_memory(device)
-    if available is not None and needed > available:
-        raise RunError(f"N={config['n']} (depth {6 * config['n'] + 2}) needs at least "
-                       f"{needed / 2**30:.1f} GiB to train with batches of "
-                       f"{config['batch_size'] // world.size} on {device}, but {available / 2**30:.1f} "
-                       "GiB is available; use a smaller N, or more processes")
-    images, labels = load_data(args, "train")
-    test_images, test_labels = load_data(args, "test")
-    (images, labels), (val_images, val_labels) = cifar_binary.train_val_split(
-        images, labels, args.val_size)
-    mean = cifar_binary.per_pixel_mean(images)  # of the training images in use
-
+    check_memory(config, world, device)
+    data = Splits.load(args)
     with contextlib.ExitStack() as stack:
-        folder = os.path.join(args.logdir, args.name)
-        checkpoint_path = os.path.join(folder, "checkpoint.pt")
-        outcome = None
-        if lead:
-            try:
-                folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
-                state = open_run(folder, config, args.log_every)
-                outcome = ("resume", state)
-                if state is not None and state["iteration"] >= config["iters"] and \
-                        os.path.exists(os.path.join(folder, "result.json")):
-                    outcome = ("finished", f"{folder}: already finished ({state['iteration']} "
-                                           "iterations); --fresh starts it over")
-            except RunError as e:
-                outcome = ("error", str(e))
-        kind, state = from_rank_0(world, outcome)
-        if kind == "error":
-            raise RunError(state)
-        if kind == "finished":
-            if lead:
-                print(state)
+        # Open the run: a new one, a resume from its checkpoint, or nothing left to do.
+        folder, state = open_run(args, config, world, stack)
+        if state == "finished":
             return 0
-
-        torch.manual_seed(config["seed"])
-        model = build_model(config, device)
-        if args.sync_bn and world.size > 1:
-            model = sync_batchnorm(model, device)
-        params = count_parameters(model)
-        optimizer = build_optimizer(model, config)
-        iteration, warmup_end, train_seconds = 0, None, 0.0
-        window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, wrong, images
-        if state is not None:
-            with checkpoint_must_fit(checkpoint_path, config):
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                for param, saved in optimizer.state.items():  # torch checks no shapes here
-                    buffer = saved.get("momentum_buffer")
-                    if buffer is not None and buffer.shape != param.shape:
-                        raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for "
-                                         f"a parameter of shape {tuple(param.shape)}")
-                iteration, warmup_end = int(state["iteration"]), state["warmup_end"]
-                train_seconds, mean = float(state["train_seconds"]), state["per_pixel_mean"]
-                if lead:  # the saved window holds every process's part: restore it once
-                    window = state["window"].to(device, torch.float64).reshape(3)
-                torch.set_rng_state(state["rng"]["torch"])
-            if lead:
-                print(f"resuming from iteration {iteration}")
-
-        run_info = {**config, "depth": 6 * config["n"] + 2, "params": params,
-                    "name": args.name, "data_dir": os.path.abspath(args.data_dir),
-                    "train_images": len(images), "eval_every": args.eval_every,
-                    "ckpt_every": args.ckpt_every, "log_every": args.log_every,
-                    "compile": args.compile, "sync_bn": args.sync_bn}
-        machine = {"device": str(device), "processes": world.size,
-                   "threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "iteration": iteration}
-        if lead:
-            saved = read_run_info(folder) if state is not None else None
-            if saved is None:
-                saved = {**run_info, "start": machine, "resumes": []}
-            else:
-                saved["resumes"].append(machine)
-            write_json(os.path.join(folder, "config.json"), saved)
-            print(f"{describe(config)}: {params:,} parameters, {len(images):,} training images "
-                  f"({len(val_images):,} held out), {world.size} x {device}, "
-                  f"{torch.get_num_threads()} threads")
-            print(textwrap.fill("  ".join(f"{k}={v}" for k, v in run_info.items()
-                                          if k not in ("depth", "params")), width=100,
-                                break_long_words=False, break_on_hyphens=False))
-            print(f"run folder: {folder}  (tensorboard --logdir={args.logdir})")
-
-        images, labels = images.to(device), labels.to(device)
-        test_images, test_labels = test_images.to(device), test_labels.to(device)
-        val_images, val_labels = val_images.to(device), val_labels.to(device)
-        mean = mean.to(device)
-        step_model = model
-        if world.size > 1:
-            step_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None)
-        if args.compile:
-            step_model = torch.compile(step_model)
-        order = BatchOrder(config["seed"], len(images), config["batch_size"], device)
-        per_rank = config["batch_size"] // world.size
-        shard = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
-        batch_count = torch.tensor(float(per_rank), dtype=torch.float64, device=device)
-        augment_generator = torch.Generator(device=device)
-        warming_up = uses_warmup(config) and warmup_end is None
-
-        def checkpoint():
-            weights = [t for t in model.state_dict().values() if t.is_floating_point()]
-            if not all(torch.isfinite(t).all() for t in weights):  # BN statistics included
-                raise RunError(f"weights are not finite at iteration {iteration} (training "
-                               f"diverged); the last good checkpoint {checkpoint_path} is kept")
-            if world.size > 1 and not ranks_agree(model):
-                raise RunError(f"the processes' weights differ at iteration {iteration}; "
-                               "not saving them")
-            whole_window = window.clone()  # mid-window, each process holds its shards' part
-            if world.size > 1:
-                dist.all_reduce(whole_window)
-            if lead:
-                save_checkpoint(checkpoint_path, {
-                    "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "iteration": iteration,
-                    "per_pixel_mean": mean.cpu(), "config": config, "warmup_end": warmup_end,
-                    "window": whole_window.cpu(), "train_seconds": train_seconds,
-                    "log_every": args.log_every, "rng": {"torch": torch.get_rng_state()}})
-
-        def run_evaluation():
-            if world.size > 1:  # rank 0's BN statistics, as saved, for every shard
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, src=0)
-            results = {"test": evaluate(model, test_images, test_labels, mean, config["amp"])}
-            if len(val_images):
-                results["val"] = evaluate(model, val_images, val_labels, mean, config["amp"])
-            for split, r in results.items():
-                log(f"{split}/error", r["error"])
-                log(f"{split}/loss", r["loss"])
-            return results
-
-        def log(tag, value):
-            if lead:
-                writer.add_scalar(tag, value, iteration)
-
-        signals = []
-        def on_signal(signum, frame):
-            signals.append(signum)
-        previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
-        from tqdm import tqdm
-        # A resumed writer hides what the previous process logged after its checkpoint; what it
-        # logged at the checkpoint's own iteration (before saving) stays.
-        writer = (SummaryWriter(folder, purge_step=iteration + 1 if iteration else None,
-                                flush_secs=30) if lead else None)
-        bar = tqdm(total=config["iters"], initial=iteration, dynamic_ncols=True, smoothing=0.05,
-                   disable=None if lead else True)
-        window_start = time.perf_counter()
-        stopping = False
-        try:
-            while iteration < config["iters"] and not stopping:
-                lr = lr_at(iteration, config["lr"], config["milestones"], warming_up)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = order(iteration)
-                augment_generator.manual_seed(derived_seed(config["seed"], "augment", iteration))
-                loss, wrong = train_step(step_model, optimizer, images[batch], labels[batch], mean,
-                                         augment_generator, config["amp"], shard)
-                window += torch.stack([loss.double() * batch_count, wrong.double(), batch_count])
-                iteration += 1
-                bar.update(1)
-                # A lone process stops after any step; processes stop together after a window.
-                stopping = bool(signals) and world.size == 1
-
-                if iteration % args.log_every == 0 or iteration == config["iters"]:
-                    totals = torch.cat([window, torch.tensor([float(bool(signals))], device=device,
-                                                             dtype=torch.float64)])
-                    if world.size > 1:
-                        dist.all_reduce(totals)
-                    loss_sum, wrong, count, signalled = totals.tolist()  # one sync a window
-                    stopping = signalled > 0
-                    elapsed = time.perf_counter() - window_start
-                    train_seconds += elapsed
-                    if not math.isfinite(loss_sum):
-                        raise RunError(f"training loss is not finite in the window ending at "
-                                       f"iteration {iteration} (lr {lr:g}); the last good checkpoint "
-                                       f"{checkpoint_path} is kept")
-                    train_error = 100.0 * wrong / count
-                    speed = count / elapsed if elapsed > 0 else 0.0
-                    log("train/loss", loss_sum / count)
-                    log("train/error", train_error)
-                    log("lr", lr)
-                    log("speed/images_per_second", speed)
-                    bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
-                                    lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
-                    window.zero_()
-                    if warming_up and warmup_ends(iteration, train_error):
-                        warming_up, warmup_end = False, iteration
-                        log("warmup/ended_at", iteration)
-                        bar.write(f"warm-up ended at iteration {iteration} "
-                                  f"(train error {train_error:.1f}%)")
-                    window_start = time.perf_counter()
-                if iteration % args.eval_every == 0 and iteration < config["iters"]:
-                    results = run_evaluation()
-                    bar.write(f"iter {iteration}: test error {results['test']['error']:.2f}%"
-                              + (f", val error {results['val']['error']:.2f}%" if "val" in results
-                                 else "") + f", epoch {order.epoch_of(iteration):.1f}")
-                    window_start = time.perf_counter()
-                if iteration % args.ckpt_every == 0 or stopping or iteration == config["iters"]:
-                    checkpoint()
-                    window_start = time.perf_counter()
-        finally:
-            bar.close()
-            for s, handler in previous_handlers.items():
-                signal.signal(s, handler)
-        if stopping:
-            if lead:
-                writer.close()
-                print(f"stopped by a signal at iteration {iteration}; checkpoint written, "
-                      "run the same command to resume", file=sys.stderr)
-            return 128 + (signals[0] if signals else signal.SIGTERM)
-
-        results = run_evaluation()
-        if lead:
-            writer.close()
-            result = {"test_error": results["test"]["error"],
-                      "test_loss": results["test"]["loss"],
-                      **({"val_error": results["val"]["error"]} if "val" in results else {}),
-                      "iterations": iteration, "depth": 6 * config["n"] + 2, "params": params,
-                      "plain": config["plain"], "shortcut": config["shortcut"],
-                      "seed": config["seed"], "amp": config["amp"], "warmup_end": warmup_end,
-                      "train_seconds": round(train_seconds, 1),
-                      "images_per_second": round(iteration * config["batch_size"] / train_seconds,
-                                                 1) if train_seconds else None}
-            save_checkpoint(os.path.join(folder, "model.pt"), {  # the final weights, to share
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "iteration": iteration,
-                "per_pixel_mean": mean.cpu(), "config": config})
-            write_json(os.path.join(folder, "result.json"), result)
-            print(f"{describe(config)} after {iteration} iterations: "
-                  f"test error {result['test_error']:.2f}%")
-    return 0
+        # Build the network and optimizer, restored from the checkpoint when resuming.
+        run = stack.enter_context(Run(args, config, world, device, data, folder, state))
+        # Train: a step per iteration; a window's statistics; an evaluation; a checkpoint.
+        iters = config["iters"]
+        while run.iteration < iters and not run.stopping:
+            run.step()
+            if run.iteration % args.log_every == 0 or run.iteration == iters:
+                run.end_window()
+            if run.iteration % args.eval_every == 0 and run.iteration < iters:
+                run.report_evaluation()
+            if run.iteration % args.ckpt_every == 0 or run.stopping or run.iteration == iters:
+                run.save()
+        # Finish: the final evaluation, result.json and model.pt; or a clean stop.
+        return run.stopped() if run.stopping else run.finish()
 
 
 # ---------------------------------------------------------------- test
@@ -807,22 +924,21 @@ def test(args):
     model = build_model(config, device)
     with checkpoint_must_fit(path, config):
         model.load_state_dict(state["model"])
+    verify_digest(path, state)
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
-    report = {"test_error": result["error"], "test_loss": result["loss"],
-              "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
-              "iteration": state["iteration"], "params": count_parameters(model),
-              "depth": 6 * config["n"] + 2, "plain": config["plain"],
-              "shortcut": config["shortcut"], "checkpoint": path,  # as given: reproducible
-              "layer_responses": responses.std()}
+    test_report = {**report(config, count_parameters(model), result),
+                   "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
+                   "iteration": state["iteration"], "checkpoint": path,  # as given: reproducible
+                   "layer_responses": responses.std()}
     print(f"{describe(config)}, iteration {state['iteration']}: test error "
           f"{result['error']:.2f}% ({len(images):,} images)")
-    for name, error in report["per_class_error"].items():
+    for name, error in test_report["per_class_error"].items():
         print(f"  {name:<10} {error:5.1f}%")
     out = os.path.join(os.path.dirname(os.path.abspath(path)), "test.json")
-    write_json(out, report)
+    write_json(out, test_report)
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,130 @@
+"""The paper's recipe as training applies it, observed where it acts: the lr each step runs at,
+what SGD is given, what the network sees, which images the mean comes from, eval mode, and
+where layer responses are taken. Each test fails on one plausible slip in run.py."""
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+import cifar_binary
+import plot_curves
+import run
+from resnet import LayerResponses, ResNet
+from test_run import checkpoint_of, sigterm_after, train
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Every training step's optimizer hyper-parameters, as SGD sees them during the step."""
+    seen, real_step = [], run.train_step
+
+    def recording_step(model, optimizer, *args, **kwargs):
+        seen.append(dict(optimizer.param_groups[0], params=None))
+        return real_step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(run, "train_step", recording_step)
+    return seen
+
+
+def test_the_lr_drops_at_the_milestone_iteration_itself(synthetic_cifar, tmp_path, steps):
+    assert train(synthetic_cifar, tmp_path, "--milestones", "5", "9") == 0
+    lrs = [round(step["lr"], 9) for step in steps]
+    assert lrs == [0.1] * 5 + [0.01] * 4 + [0.001] * 3  # iterations 0-4, 5-8, 9-11
+
+
+def test_sgd_is_given_the_recipes_momentum_and_weight_decay(synthetic_cifar, tmp_path, steps):
+    assert train(synthetic_cifar, tmp_path / "paper") == 0
+    assert {(s["momentum"], s["weight_decay"], s["dampening"], s["nesterov"]) for s in steps} \
+        == {(0.9, 1e-4, 0, False)}
+    steps.clear()
+    assert train(synthetic_cifar, tmp_path / "other", "--weight-decay", "0.003",
+                 "--momentum", "0.5") == 0
+    assert {(s["momentum"], s["weight_decay"]) for s in steps} == {(0.5, 0.003)}
+
+
+class Recorder(nn.Module):
+    """A linear classifier that keeps the inputs it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 10)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def one_step(images, mean, seed=0):
+    model = Recorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(images)) % 10
+    run.train_step(model, optimizer, images, labels, mean, generator, "none")
+    return model.inputs[0]
+
+
+def test_the_padding_is_black_before_the_mean_is_subtracted():
+    images = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    x = one_step(images, torch.full((3, 32, 32), 100.0))
+    assert set(x.unique().tolist()) == {100.0, -100.0}  # image pixels, padding: 0 - mean
+
+
+def test_the_network_trains_on_cropped_and_flipped_images():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    mean = cifar_binary.per_pixel_mean(images)
+    x = one_step(images, mean, seed=7)
+    expected = cifar_binary.augment(images, torch.Generator().manual_seed(7))
+    assert torch.equal(x, cifar_binary.normalize(expected, mean))
+    unchanged = (x == cifar_binary.normalize(images, mean)).flatten(1).all(1)
+    assert unchanged.float().mean() < 0.2  # only the uncropped, unflipped draws: 1/81 x 1/2
+
+
+def test_the_per_pixel_mean_is_that_of_the_training_images_in_use(synthetic_cifar, tmp_path):
+    assert train(synthetic_cifar, tmp_path, "--val-size", "1000") == 0
+    saved = checkpoint_of(tmp_path / "resnet8-iters12-val1000")["per_pixel_mean"]
+    images, _ = cifar_binary.load_split(synthetic_cifar, "train")
+    test_images, _ = cifar_binary.load_split(synthetic_cifar, "test")
+    assert torch.equal(saved, cifar_binary.per_pixel_mean(images[:49_000]))
+    assert not torch.equal(saved, cifar_binary.per_pixel_mean(images))
+    assert not torch.equal(saved, cifar_binary.per_pixel_mean(test_images))
+
+
+def test_a_resume_mid_window_keeps_the_windows_running_average(synthetic_cifar, tmp_path):
+    with sigterm_after(6):  # --log-every 4: iterations 5 and 6 are in the stopped window
+        assert train(synthetic_cifar, tmp_path / "stopped") == 128 + signal.SIGTERM
+    assert train(synthetic_cifar, tmp_path / "stopped") == 0
+    assert train(synthetic_cifar, tmp_path / "once") == 0
+    resumed, once = (plot_curves.load_scalars(str(tmp_path / kind / "resnet8-iters12"))
+                     for kind in ("stopped", "once"))
+    for tag in ("train/loss", "train/error"):
+        assert resumed[tag] == once[tag], tag
+
+
+def test_evaluation_runs_the_network_in_eval_mode_and_restores_train_mode():
+    model = ResNet(1).train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    run.evaluate(model, images, torch.arange(300) % 10, torch.zeros(3, 32, 32), "none")
+    assert modes and not any(modes)
+    assert model.training
+
+
+def test_layer_responses_are_taken_after_batch_norm():
+    torch.manual_seed(0)
+    model = ResNet(1).eval()
+    bns = [model.bn1] + [bn for block in model.blocks for bn in (block.bn1, block.bn2)]
+    for bn in bns:  # batch norm that changes the scale: before and after it differ
+        bn.weight.data.uniform_(2, 3)
+        bn.running_var.uniform_(0.5, 2)
+    outputs = []
+    for bn in bns:
+        bn.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad(), LayerResponses(model) as responses:
+        model(x)
+    expected = [out.double().std(unbiased=False).item() for out in outputs]
+    assert responses.std() == pytest.approx(expected, rel=1e-5)
