@@ -18,18 +18,21 @@ Training speed is images/s after `--warmup` discarded steps, the median of `--wi
 `--steps` steps, each window closed by a device synchronisation before the clock is read;
 evaluation is excluded. Evaluation speed is one timed pass over `--eval-images` test images,
 after a warm-up pass. Printed: the machine, torch version and date, one markdown table, the time
-to load the 60,000 images, and the augmentation's share of a training step.
+to load the 60,000 images, the augmentation's share of a training step, and the FLOPs per image.
 
 The table also times each step's convolutions alone (forward, backward to weights and inputs, as
 PyTorch calls oneDNN or cuDNN, in the row's precision and memory format, on fixed tensors) and
 divides the reference's step time by it: the "convs-alone bound" is the speed-up a pipeline would
 have if batch norm, ReLU, shortcuts, loss, optimizer and data took no time at all (`+compile`
 rows: the same eager convolutions).
+
+Train GFLOP/s divide the FLOPs of a training step, forward and backward, as
+torch.utils.flop_counter.FlopCounterMode counts them (2 per multiply-accumulate of the convs and
+the fc layer), by the step's time.
 """
 import argparse
 import collections
 import itertools
-import math
 import os
 import platform
 import shlex
@@ -42,6 +45,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cifar_binary
@@ -255,43 +259,49 @@ def augmentation_seconds(data, device, reps=50):
     return statistics.median(times)
 
 
-def weighted_layers(depth, batch=1):
-    """The model and, for each of its conv and linear layers in forward order, (layer, input
-    shape, output shape) in a forward pass of `batch` images."""
-    model = ResNet((depth - 2) // 6).eval()
+def step_flops(depth):
+    """(forward, backward) FLOPs of one training step of ResNet-depth on BATCH images, as
+    torch.utils.flop_counter.FlopCounterMode counts them: 2 per multiply-accumulate of the convs
+    and the fc layer; BN, ReLU, pooling, shortcuts, loss and SGD have no formula there and are
+    left out, as in the usual figures (a few percent). On the meta device: shapes only."""
+    model = ResNet((depth - 2) // 6).to("meta")
+    images = torch.zeros(BATCH, 3, 32, 32, device="meta")
+    labels = torch.zeros(BATCH, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as forward:
+        loss = nn.functional.cross_entropy(model(images), labels)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def conv_shapes(depth, batch):
+    """(conv layer, input shape, output shape) of every conv of ResNet-depth in forward order,
+    in a forward pass of `batch` images (on the meta device: shapes only)."""
+    model = ResNet((depth - 2) // 6).to("meta")
     shapes = []
 
-    def record(layer, inputs, output):
-        shapes.append((layer, inputs[0].shape, output.shape))
+    def record(conv, inputs, output):
+        shapes.append((conv, inputs[0].shape, output.shape))
 
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, nn.Conv2d):
             module.register_forward_hook(record)
     with torch.no_grad():
-        model(torch.zeros(batch, 3, 32, 32))
-    return model, shapes
-
-
-def forward_macs(depth):
-    """Multiply-accumulates of one image's forward pass through every conv and linear layer
-    (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
-    # Each output element of a layer takes one MAC per weight of its output channel/feature.
-    _, layers = weighted_layers(depth)
-    return sum(math.prod(out) * layer.weight[0].numel() for layer, _, out in layers)
+        model(torch.zeros(batch, 3, 32, 32, device="meta"))
+    return shapes
 
 
 def conv_problems(depth, memory_format, dtype, device):
     """(input, weight, output gradient, stride, padding, input needs a gradient) of every conv
     in a training step of ResNet-depth at batch 128, as the pipeline's convs see them."""
-    model, layers = weighted_layers(depth, BATCH)
     g = torch.Generator().manual_seed(0)
 
     def tensor(shape):
         return torch.randn(shape, generator=g).to(device, dtype, memory_format=memory_format)
 
     return [(tensor(x_shape), tensor(conv.weight.shape), tensor(y_shape), conv.stride,
-             conv.padding, conv is not model.conv1)  # the first conv's input is the data
-            for conv, x_shape, y_shape in layers if isinstance(conv, nn.Conv2d)]
+             conv.padding, index > 0)  # the first conv's input is the data: no gradient
+            for index, (conv, x_shape, y_shape) in enumerate(conv_shapes(depth, BATCH))]
 
 
 def conv_seconds(problems, device, reps=5, windows=5):
@@ -330,7 +340,7 @@ def benchmark(args, data, device):
     so only one of them uses the cores at a time."""
     rows = []
     for depth in args.depths:
-        macs, reference_ips, convs = forward_macs(depth), None, {}
+        flops, reference_ips, convs = sum(step_flops(depth)), None, {}  # of one step
         for label, precision, compiled in variants(args):
             print(f"measuring ResNet-{depth} {label}", file=sys.stderr, flush=True)
             pipeline = (reference(depth, data, args.workers, device) if precision is None
@@ -349,8 +359,7 @@ def benchmark(args, data, device):
                     torch.bfloat16 if precision == "bf16" else torch.float32, device), device)
             rows.append(Row(depth, label, train_ips, step_seconds,
                             train_ips / reference_ips if reference_ips else None,
-                            3 * 2 * macs * train_ips / 1e9,  # backward ~ 2x forward
-                            convs[precision], eval_ips))
+                            flops * train_ips / BATCH / 1e9, convs[precision], eval_ips))
     return rows
 
 
@@ -409,6 +418,18 @@ def table(rows):
     return "\n".join(lines)
 
 
+def flops_note(depths):
+    """The FLOPs behind train GFLOP/s, per image: forward and measured backward."""
+    counts = []
+    for depth in depths:
+        forward, backward = (flops / BATCH / 1e6 for flops in step_flops(depth))
+        counts.append(f"ResNet-{depth} {forward:.2f}M + {backward:.2f}M "
+                      f"(backward {backward / forward:.2f}x the forward)")
+    return ("- FLOPs per image, forward + backward, as train GFLOP/s count them "
+            "(torch.utils.flop_counter.FlopCounterMode: 2 per multiply-accumulate of the convs "
+            f"and the fc): {', '.join(counts)}")
+
+
 def notes(data, augment_seconds, rows):
     load = (f"{len(data.images) + len(data.test_images):,} images in {data.load_seconds:.2f} s "
             "(cifar_binary.load_split, train + test)" if data.load_seconds is not None
@@ -419,6 +440,7 @@ def notes(data, augment_seconds, rows):
         f"- data load: {load}",
         f"- augmentation (augment + normalize, batch {BATCH}): {1e3 * augment_seconds:.2f} ms, "
         f"as a share of a training step: {shares} (target: under 3%)",
+        flops_note(dict.fromkeys(r.depth for r in rows)),
         "- convs-alone bound: the reference's ms/step over the row's convs alone ms/step, the "
         "speed-up the row would reach if everything in a step but its convolutions took no time",
     ])

@@ -1,19 +1,30 @@
-"""bench.py: a tiny run prints a well-formed report; the MAC counter matches the published
+"""bench.py: a tiny run prints a well-formed report; the FLOP counts match the published
 figures. No timing is asserted: speeds depend on the machine and its load."""
 import pytest
 import torch
 
 import bench
 
-# Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc).
-PUBLISHED_MACS = {20: 40.55e6, 56: 125.49e6}
+# Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc),
+# counted by hand: sum over layers of output elements x weights per output channel.
+PUBLISHED_MACS = {20: 40_551_040, 56: 125_485_696, 110: 252_887_680}
+FIRST_CONV_MACS = 32 * 32 * 16 * 3 * 9  # 3 -> 16 channels at 32x32: no gradient to the data
 COLUMNS = ["depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
            "ms/step", "convs alone ms/step", "convs-alone bound", "eval img/s"]
 
 
 @pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
-def test_mac_counter_gives_the_published_figures(depth):
-    assert bench.forward_macs(depth) == pytest.approx(PUBLISHED_MACS[depth], abs=0.1e6)
+def test_flop_counter_gives_the_published_figures(depth):
+    forward, _ = bench.step_flops(depth)
+    assert forward == 2 * PUBLISHED_MACS[depth] * bench.BATCH  # 2 FLOPs per MAC, exactly
+
+
+@pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
+def test_backward_is_measured_twice_the_forward_but_the_datas_gradient(depth):
+    forward, backward = bench.step_flops(depth)
+    # Each layer's gradients to its weights and to its input cost one forward each, but for the
+    # first conv, whose input is the data.
+    assert backward == 2 * forward - 2 * FIRST_CONV_MACS * bench.BATCH
 
 
 @pytest.mark.parametrize("depth", [8, 20])
@@ -21,7 +32,8 @@ def test_conv_problems_are_every_conv_of_a_step_in_the_pipelines_layout(depth):
     problems = bench.conv_problems(depth, torch.channels_last, torch.bfloat16, torch.device("cpu"))
     assert len(problems) == depth - 1  # 6n+1 3x3 convs; option A adds none
     macs = sum(grad[0].numel() * w[0].numel() for x, w, grad, *_ in problems)  # per image
-    assert macs + 64 * 10 == bench.forward_macs(depth)  # the same convs as the MAC counter's fc
+    forward, _ = bench.step_flops(depth)
+    assert macs + 64 * 10 == forward / 2 / bench.BATCH  # the same convs as the FLOP counter's fc
     for x, w, grad, stride, padding, input_grad in problems:
         assert x.shape[0] == grad.shape[0] == bench.BATCH
         assert x.dtype == w.dtype == grad.dtype == torch.bfloat16
@@ -73,3 +85,4 @@ def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, cap
     assert "- convs-alone bound:" in out
     assert "- data load: not measured (synthetic images)" in out
     assert "ResNet-8 ours fp32" in out and "ResNet-8 ours bf16" in out  # augmentation shares
+    assert "FlopCounterMode" in out and "ResNet-8 " in out.split("- FLOPs per image")[1]
