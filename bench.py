@@ -24,7 +24,8 @@ The table also times each step's convolutions alone (forward, backward to weight
 PyTorch calls oneDNN or cuDNN, in the row's precision and memory format, on fixed tensors) and
 divides the reference's step time by it: the "convs-alone bound" is the speed-up a pipeline would
 have if batch norm, ReLU, shortcuts, loss, optimizer and data took no time at all (`+compile`
-rows: the same eager convolutions).
+rows: the same eager convolutions). These fixed-tensor timings (and the augmentation's) are
+torch.utils.benchmark.Timer's, on the run's CPU threads.
 
 Train GFLOP/s divide the FLOPs of a training step, forward and backward, as
 torch.utils.flop_counter.FlopCounterMode counts them (2 per multiply-accumulate of the convs and
@@ -44,6 +45,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
@@ -56,6 +58,7 @@ BATCH = 128  # the paper's, and both pipelines'
 # CIFAR-10's channel statistics as the popular repos hard-code them; the values cost nothing.
 CHANNEL_MEAN, CHANNEL_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 AMP = {"fp32": "none", "bf16": "bf16"}  # --precisions name -> run.py --amp
+CONV_TIMING_SECONDS = 2.0  # Timer.blocked_autorange's min_run_time for each row's convs alone
 
 Data = collections.namedtuple(
     "Data", "images labels test_images test_labels mean source load_seconds")
@@ -246,17 +249,20 @@ def eval_speed(evaluate, count, device):
     return count / (time.perf_counter() - start)
 
 
-def augmentation_seconds(data, device, reps=50):
+def timed_median(fn, min_run_time):
+    """Median seconds of one call of `fn` by torch.utils.benchmark.Timer, which calls it in
+    blocks and synchronises the GPU (if any) before each clock reading; on the run's CPU threads
+    (Timer's default is one thread)."""
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def augmentation_seconds(data, device):
     """Median time of cifar_binary.augment + normalize on one batch, as train_step does them."""
     images, mean = data.images[:BATCH].to(device), data.mean.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        cifar_binary.normalize(cifar_binary.augment(images, generator), mean)
-        wait(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_median(lambda: cifar_binary.normalize(cifar_binary.augment(images, generator),
+                                                       mean), min_run_time=0.5)
 
 
 def step_flops(depth):
@@ -304,7 +310,7 @@ def conv_problems(depth, memory_format, dtype, device):
             for index, (conv, x_shape, y_shape) in enumerate(conv_shapes(depth, BATCH))]
 
 
-def conv_seconds(problems, device, reps=5, windows=5):
+def conv_seconds(problems):
     """Median time of one step's convolutions alone: each one's forward and its backward to the
     weights (and to its input, but for the first conv), on tensors that stay in the caches they
     fit in. Everything else a step does (batch norm, ReLU, shortcuts, loss, optimizer, data) is
@@ -314,16 +320,8 @@ def conv_seconds(problems, device, reps=5, windows=5):
             torch.nn.functional.conv2d(x, w, None, stride, padding)
             torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, (1, 1), False,
                                                 (0, 0), 1, (input_grad, True, False))
-    step()
-    times = []
-    for _ in range(windows):
-        wait(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            step()
-        wait(device)
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
+    step()  # cuDNN's algorithm search (cudnn.benchmark) or oneDNN's primitives, untimed
+    return timed_median(step, min_run_time=CONV_TIMING_SECONDS)
 
 
 def variants(args):
@@ -356,7 +354,7 @@ def benchmark(args, data, device):
             if precision not in convs:  # the reference's are NCHW float32; ours channels_last
                 convs[precision] = conv_seconds(conv_problems(
                     depth, torch.contiguous_format if precision is None else torch.channels_last,
-                    torch.bfloat16 if precision == "bf16" else torch.float32, device), device)
+                    torch.bfloat16 if precision == "bf16" else torch.float32, device))
             rows.append(Row(depth, label, train_ips, step_seconds,
                             train_ips / reference_ips if reference_ips else None,
                             flops * train_ips / BATCH / 1e9, convs[precision], eval_ips))
@@ -396,7 +394,8 @@ def header(args, argv, data, device):
         f"- data: {data.source}",
         f"- timing: batch {BATCH}, warm-up {args.warmup} steps, then the median of "
         f"{args.windows} windows of {args.steps} steps; evaluation: one pass over "
-        f"{min(args.eval_images, len(data.test_images)):,} test images",
+        f"{min(args.eval_images, len(data.test_images)):,} test images; convs alone: the median "
+        f"of torch.utils.benchmark.Timer.blocked_autorange over {CONV_TIMING_SECONDS:g} s",
         f"- command: {shlex.join(['python', 'bench.py', *argv])}",
     ])
 
