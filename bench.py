@@ -29,7 +29,8 @@ torch.utils.benchmark.Timer's, on the run's CPU threads.
 
 Train GFLOP/s divide the FLOPs of a training step, forward and backward, as
 torch.utils.flop_counter.FlopCounterMode counts them (2 per multiply-accumulate of the convs and
-the fc layer), by the step's time.
+the fc layer), by the step's time. fp32 means IEEE float32 on every device: TF32, on by default
+for cuDNN's convolutions, is switched off.
 """
 import argparse
 import collections
@@ -361,6 +362,21 @@ def benchmark(args, data, device):
     return rows
 
 
+def float32_settings():
+    """torch's settings of the internal precision of float32 convs and matmuls, by library."""
+    b = torch.backends
+    return {"cuDNN conv": b.cudnn.conv, "cuBLAS matmul": b.cuda.matmul,
+            "oneDNN conv": b.mkldnn.conv, "oneDNN matmul": b.mkldnn.matmul}
+
+
+def ieee_float32():
+    """Make float32 mean IEEE float32 in every library: on Ampere and newer GPUs, cuDNN
+    convolutions default to TF32 (a 10-bit mantissa). This is torch's API of 2.9 on; once it is
+    used, the legacy getter torch.backends.cudnn.allow_tf32 raises, so nothing here reads it."""
+    for setting in float32_settings().values():
+        setting.fp32_precision = "ieee"
+
+
 # ---------------------------------------------------------------- report
 
 def cpu_description():
@@ -379,14 +395,19 @@ def cpu_description():
 
 
 def header(args, argv, data, device):
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    gpu = (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+           f"cuDNN {torch.backends.cudnn.version()})" if device.type == "cuda" else "")
+    float32 = ", ".join(f"{name} {setting.fp32_precision}"
+                        for name, setting in float32_settings().items())
     return "\n".join([
         "**bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10**",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
         f"- machine: {cpu_description()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"device {device}{gpu}, threads: {torch.get_num_threads()} for both pipelines, "
+        f"device {device}{gpu}, CPU threads: {torch.get_num_threads()} for both pipelines, "
         f"git {run.git_commit()}",
+        f"- precision: fp32 rows and the reference in IEEE float32, no TF32 (fp32_precision: "
+        f"{float32}); bf16 rows: run.py --amp bf16 (bf16 autocast, float32 weights)",
         "- reference: not measured (--no-reference)" if args.no_reference else
         f"- reference: DataLoader with {args.workers} worker processes" + (
             ", which share the cores with the model as they do in the popular repos"
@@ -449,6 +470,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     device = run.setup_machine(args)
+    ieee_float32()
     data = load_data(args.data_dir)
     rows = benchmark(args, data, device)
     print(header(args, argv, data, device), table(rows), notes(

@@ -1,5 +1,6 @@
 """bench.py: a tiny run prints a well-formed report; the FLOP counts match the published
-figures. No timing is asserted: speeds depend on the machine and its load."""
+figures; fp32 is IEEE float32. No timing is asserted: speeds depend on the machine and its
+load."""
 import pytest
 import torch
 
@@ -54,12 +55,29 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_float32_settings():
+    before = {name: s.fp32_precision for name, s in bench.float32_settings().items()}
+    yield
+    for name, setting in bench.float32_settings().items():
+        setting.fp32_precision = before[name]
+
+
+def test_fp32_means_ieee_float32_in_every_library(restore_float32_settings):
+    bench.ieee_float32()
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"  # TF32 by default
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
 def number(cell):
     return float(cell.replace(",", "").removesuffix("x"))
 
 
 def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, capsys,
-                                                                   restore_threads):
+                                                                   restore_threads,
+                                                                   restore_float32_settings):
     argv = ["--depths", "8", "--precisions", "fp32", "bf16", "--warmup", "1", "--windows", "2",
             "--steps", "2", "--eval-images", "64", "--workers", "0", "--threads", "1",
             "--data-dir", str(tmp_path / "absent")]
@@ -67,6 +85,7 @@ def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, cap
     out = capsys.readouterr().out
 
     assert "SYNTHETIC" in out
+    assert "(fp32_precision: cuDNN conv ieee, cuBLAS matmul ieee, oneDNN conv ieee, " in out
     assert f"- command: python bench.py {' '.join(argv)}" in out
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
