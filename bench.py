@@ -46,7 +46,6 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.benchmark import Timer
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
@@ -254,6 +253,9 @@ def timed_median(fn, min_run_time):
     """Median seconds of one call of `fn` by torch.utils.benchmark.Timer, which calls it in
     blocks and synchronises the GPU (if any) before each clock reading; on the run's CPU threads
     (Timer's default is one thread)."""
+    # Imported here: importing it logs a warning on machines with a CUDA toolkit but no GPU,
+    # which would otherwise come before a data error's one line.
+    from torch.utils.benchmark import Timer
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
@@ -469,12 +471,17 @@ def notes(data, augment_seconds, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    device = run.setup_machine(args)
-    ieee_float32()
-    data = load_data(args.data_dir)
-    rows = benchmark(args, data, device)
-    print(header(args, argv, data, device), table(rows), notes(
-        data, augmentation_seconds(data, device), rows), sep="\n\n")
+    try:
+        device = run.setup_machine(args)
+        ieee_float32()
+        data = load_data(args.data_dir)
+        rows = benchmark(args, data, device)
+        augment_seconds = augmentation_seconds(data, device)
+    except cifar_binary.DataError as e:  # a damaged --data-dir: one line, as run.py reports it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(header(args, argv, data, device), table(rows), notes(data, augment_seconds, rows),
+          sep="\n\n")
     return 0
 
 

@@ -1,11 +1,18 @@
 """bench.py: a tiny run prints a well-formed report; the FLOP counts match the published
-figures; fp32 is IEEE float32. No timing is asserted: speeds depend on the machine and its
-load."""
+figures; data errors are one line; fp32 is IEEE float32. No timing is asserted: speeds depend on
+the machine and its load."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import bench
+import cifar_binary
+from synthetic import records
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc),
 # counted by hand: sum over layers of output elements x weights per output channel.
 PUBLISHED_MACS = {20: 40_551_040, 56: 125_485_696, 110: 252_887_680}
@@ -69,6 +76,20 @@ def test_fp32_means_ieee_float32_in_every_library(restore_float32_settings):
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
+def test_a_damaged_batch_file_is_one_line_and_exit_1(tmp_path):
+    data_dir = tmp_path / "cifar"
+    data_dir.mkdir()
+    damaged = data_dir / cifar_binary.SPLIT_FILES["train"][0]
+    damaged.write_bytes(records(cifar_binary.RECORDS_PER_FILE)[:-100])  # truncated
+    command = [sys.executable, "bench.py", "--depths", "8", "--device", "cpu",
+               "--data-dir", str(data_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # no traceback
+    assert result.stderr.startswith(f"error: {damaged}: ")
 
 
 def number(cell):
