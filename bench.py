@@ -18,18 +18,23 @@ Training speed is images/s after `--warmup` discarded steps, the median of `--wi
 `--steps` steps, each window closed by a device synchronisation before the clock is read;
 evaluation is excluded. Evaluation speed is one timed pass over `--eval-images` test images,
 after a warm-up pass. Printed: the machine, torch version and date, one markdown table, the time
-to load the 60,000 images, and the augmentation's share of a training step.
+to load the 60,000 images, the augmentation's share of a training step, and the FLOPs per image.
 
 The table also times each step's convolutions alone (forward, backward to weights and inputs, as
 PyTorch calls oneDNN or cuDNN, in the row's precision and memory format, on fixed tensors) and
 divides the reference's step time by it: the "convs-alone bound" is the speed-up a pipeline would
 have if batch norm, ReLU, shortcuts, loss, optimizer and data took no time at all (`+compile`
-rows: the same eager convolutions).
+rows: the same eager convolutions). These fixed-tensor timings (and the augmentation's) are
+torch.utils.benchmark.Timer's, on the run's CPU threads.
+
+Train GFLOP/s divide the FLOPs of a training step, forward and backward, as
+torch.utils.flop_counter.FlopCounterMode counts them (2 per multiply-accumulate of the convs and
+the fc layer), by the step's time. fp32 means IEEE float32 on every device: TF32, on by default
+for cuDNN's convolutions, is switched off.
 """
 import argparse
 import collections
 import itertools
-import math
 import os
 import platform
 import shlex
@@ -42,6 +47,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cifar_binary
@@ -52,6 +58,7 @@ BATCH = 128  # the paper's, and both pipelines'
 # CIFAR-10's channel statistics as the popular repos hard-code them; the values cost nothing.
 CHANNEL_MEAN, CHANNEL_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 AMP = {"fp32": "none", "bf16": "bf16"}  # --precisions name -> run.py --amp
+CONV_TIMING_SECONDS = 2.0  # Timer.blocked_autorange's min_run_time for each row's convs alone
 
 Data = collections.namedtuple(
     "Data", "images labels test_images test_labels mean source load_seconds")
@@ -242,59 +249,71 @@ def eval_speed(evaluate, count, device):
     return count / (time.perf_counter() - start)
 
 
-def augmentation_seconds(data, device, reps=50):
+def timed_median(fn, min_run_time):
+    """Median seconds of one call of `fn` by torch.utils.benchmark.Timer, which calls it in
+    blocks and synchronises the GPU (if any) before each clock reading; on the run's CPU threads
+    (Timer's default is one thread)."""
+    # Imported here: importing it logs a warning on machines with a CUDA toolkit but no GPU,
+    # which would otherwise come before a data error's one line.
+    from torch.utils.benchmark import Timer
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def augmentation_seconds(data, device):
     """Median time of cifar_binary.augment + normalize on one batch, as train_step does them."""
     images, mean = data.images[:BATCH].to(device), data.mean.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        cifar_binary.normalize(cifar_binary.augment(images, generator), mean)
-        wait(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_median(lambda: cifar_binary.normalize(cifar_binary.augment(images, generator),
+                                                       mean), min_run_time=0.5)
 
 
-def weighted_layers(depth, batch=1):
-    """The model and, for each of its conv and linear layers in forward order, (layer, input
-    shape, output shape) in a forward pass of `batch` images."""
-    model = ResNet((depth - 2) // 6).eval()
+def step_flops(depth):
+    """(forward, backward) FLOPs of one training step of ResNet-depth on BATCH images, as
+    torch.utils.flop_counter.FlopCounterMode counts them: 2 per multiply-accumulate of the convs
+    and the fc layer; BN, ReLU, pooling, shortcuts, loss and SGD have no formula there and are
+    left out, as in the usual figures (a few percent). On the meta device: shapes only."""
+    model = ResNet((depth - 2) // 6).to("meta")
+    images = torch.zeros(BATCH, 3, 32, 32, device="meta")
+    labels = torch.zeros(BATCH, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as forward:
+        loss = nn.functional.cross_entropy(model(images), labels)
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
+def conv_shapes(depth, batch):
+    """(conv layer, input shape, output shape) of every conv of ResNet-depth in forward order,
+    in a forward pass of `batch` images (on the meta device: shapes only)."""
+    model = ResNet((depth - 2) // 6).to("meta")
     shapes = []
 
-    def record(layer, inputs, output):
-        shapes.append((layer, inputs[0].shape, output.shape))
+    def record(conv, inputs, output):
+        shapes.append((conv, inputs[0].shape, output.shape))
 
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, nn.Conv2d):
             module.register_forward_hook(record)
     with torch.no_grad():
-        model(torch.zeros(batch, 3, 32, 32))
-    return model, shapes
-
-
-def forward_macs(depth):
-    """Multiply-accumulates of one image's forward pass through every conv and linear layer
-    (BN, ReLU, pooling and additions add under 1% and are left out, as in the usual figures)."""
-    # Each output element of a layer takes one MAC per weight of its output channel/feature.
-    _, layers = weighted_layers(depth)
-    return sum(math.prod(out) * layer.weight[0].numel() for layer, _, out in layers)
+        model(torch.zeros(batch, 3, 32, 32, device="meta"))
+    return shapes
 
 
 def conv_problems(depth, memory_format, dtype, device):
     """(input, weight, output gradient, stride, padding, input needs a gradient) of every conv
     in a training step of ResNet-depth at batch 128, as the pipeline's convs see them."""
-    model, layers = weighted_layers(depth, BATCH)
     g = torch.Generator().manual_seed(0)
 
     def tensor(shape):
         return torch.randn(shape, generator=g).to(device, dtype, memory_format=memory_format)
 
     return [(tensor(x_shape), tensor(conv.weight.shape), tensor(y_shape), conv.stride,
-             conv.padding, conv is not model.conv1)  # the first conv's input is the data
-            for conv, x_shape, y_shape in layers if isinstance(conv, nn.Conv2d)]
+             conv.padding, index > 0)  # the first conv's input is the data: no gradient
+            for index, (conv, x_shape, y_shape) in enumerate(conv_shapes(depth, BATCH))]
 
 
-def conv_seconds(problems, device, reps=5, windows=5):
+def conv_seconds(problems):
     """Median time of one step's convolutions alone: each one's forward and its backward to the
     weights (and to its input, but for the first conv), on tensors that stay in the caches they
     fit in. Everything else a step does (batch norm, ReLU, shortcuts, loss, optimizer, data) is
@@ -304,16 +323,8 @@ def conv_seconds(problems, device, reps=5, windows=5):
             torch.nn.functional.conv2d(x, w, None, stride, padding)
             torch.ops.aten.convolution_backward(grad, x, w, None, stride, padding, (1, 1), False,
                                                 (0, 0), 1, (input_grad, True, False))
-    step()
-    times = []
-    for _ in range(windows):
-        wait(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            step()
-        wait(device)
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
+    step()  # cuDNN's algorithm search (cudnn.benchmark) or oneDNN's primitives, untimed
+    return timed_median(step, min_run_time=CONV_TIMING_SECONDS)
 
 
 def variants(args):
@@ -330,7 +341,7 @@ def benchmark(args, data, device):
     so only one of them uses the cores at a time."""
     rows = []
     for depth in args.depths:
-        macs, reference_ips, convs = forward_macs(depth), None, {}
+        flops, reference_ips, convs = sum(step_flops(depth)), None, {}  # of one step
         for label, precision, compiled in variants(args):
             print(f"measuring ResNet-{depth} {label}", file=sys.stderr, flush=True)
             pipeline = (reference(depth, data, args.workers, device) if precision is None
@@ -346,12 +357,26 @@ def benchmark(args, data, device):
             if precision not in convs:  # the reference's are NCHW float32; ours channels_last
                 convs[precision] = conv_seconds(conv_problems(
                     depth, torch.contiguous_format if precision is None else torch.channels_last,
-                    torch.bfloat16 if precision == "bf16" else torch.float32, device), device)
+                    torch.bfloat16 if precision == "bf16" else torch.float32, device))
             rows.append(Row(depth, label, train_ips, step_seconds,
                             train_ips / reference_ips if reference_ips else None,
-                            3 * 2 * macs * train_ips / 1e9,  # backward ~ 2x forward
-                            convs[precision], eval_ips))
+                            flops * train_ips / BATCH / 1e9, convs[precision], eval_ips))
     return rows
+
+
+def float32_settings():
+    """torch's settings of the internal precision of float32 convs and matmuls, by library."""
+    b = torch.backends
+    return {"cuDNN conv": b.cudnn.conv, "cuBLAS matmul": b.cuda.matmul,
+            "oneDNN conv": b.mkldnn.conv, "oneDNN matmul": b.mkldnn.matmul}
+
+
+def ieee_float32():
+    """Make float32 mean IEEE float32 in every library: on Ampere and newer GPUs, cuDNN
+    convolutions default to TF32 (a 10-bit mantissa). This is torch's API of 2.9 on; once it is
+    used, the legacy getter torch.backends.cudnn.allow_tf32 raises, so nothing here reads it."""
+    for setting in float32_settings().values():
+        setting.fp32_precision = "ieee"
 
 
 # ---------------------------------------------------------------- report
@@ -372,14 +397,19 @@ def cpu_description():
 
 
 def header(args, argv, data, device):
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    gpu = (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+           f"cuDNN {torch.backends.cudnn.version()})" if device.type == "cuda" else "")
+    float32 = ", ".join(f"{name} {setting.fp32_precision}"
+                        for name, setting in float32_settings().items())
     return "\n".join([
         "**bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10**",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
         f"- machine: {cpu_description()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"device {device}{gpu}, threads: {torch.get_num_threads()} for both pipelines, "
+        f"device {device}{gpu}, CPU threads: {torch.get_num_threads()} for both pipelines, "
         f"git {run.git_commit()}",
+        f"- precision: fp32 rows and the reference in IEEE float32, no TF32 (fp32_precision: "
+        f"{float32}); bf16 rows: run.py --amp bf16 (bf16 autocast, float32 weights)",
         "- reference: not measured (--no-reference)" if args.no_reference else
         f"- reference: DataLoader with {args.workers} worker processes" + (
             ", which share the cores with the model as they do in the popular repos"
@@ -387,7 +417,8 @@ def header(args, argv, data, device):
         f"- data: {data.source}",
         f"- timing: batch {BATCH}, warm-up {args.warmup} steps, then the median of "
         f"{args.windows} windows of {args.steps} steps; evaluation: one pass over "
-        f"{min(args.eval_images, len(data.test_images)):,} test images",
+        f"{min(args.eval_images, len(data.test_images)):,} test images; convs alone: the median "
+        f"of torch.utils.benchmark.Timer.blocked_autorange over {CONV_TIMING_SECONDS:g} s",
         f"- command: {shlex.join(['python', 'bench.py', *argv])}",
     ])
 
@@ -409,6 +440,18 @@ def table(rows):
     return "\n".join(lines)
 
 
+def flops_note(depths):
+    """The FLOPs behind train GFLOP/s, per image: forward and measured backward."""
+    counts = []
+    for depth in depths:
+        forward, backward = (flops / BATCH / 1e6 for flops in step_flops(depth))
+        counts.append(f"ResNet-{depth} {forward:.2f}M + {backward:.2f}M "
+                      f"(backward {backward / forward:.2f}x the forward)")
+    return ("- FLOPs per image, forward + backward, as train GFLOP/s count them "
+            "(torch.utils.flop_counter.FlopCounterMode: 2 per multiply-accumulate of the convs "
+            f"and the fc): {', '.join(counts)}")
+
+
 def notes(data, augment_seconds, rows):
     load = (f"{len(data.images) + len(data.test_images):,} images in {data.load_seconds:.2f} s "
             "(cifar_binary.load_split, train + test)" if data.load_seconds is not None
@@ -419,6 +462,7 @@ def notes(data, augment_seconds, rows):
         f"- data load: {load}",
         f"- augmentation (augment + normalize, batch {BATCH}): {1e3 * augment_seconds:.2f} ms, "
         f"as a share of a training step: {shares} (target: under 3%)",
+        flops_note(dict.fromkeys(r.depth for r in rows)),
         "- convs-alone bound: the reference's ms/step over the row's convs alone ms/step, the "
         "speed-up the row would reach if everything in a step but its convolutions took no time",
     ])
@@ -427,11 +471,17 @@ def notes(data, augment_seconds, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    device = run.setup_machine(args)
-    data = load_data(args.data_dir)
-    rows = benchmark(args, data, device)
-    print(header(args, argv, data, device), table(rows), notes(
-        data, augmentation_seconds(data, device), rows), sep="\n\n")
+    try:
+        device = run.setup_machine(args)
+        ieee_float32()
+        data = load_data(args.data_dir)
+        rows = benchmark(args, data, device)
+        augment_seconds = augmentation_seconds(data, device)
+    except cifar_binary.DataError as e:  # a damaged --data-dir: one line, as run.py reports it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(header(args, argv, data, device), table(rows), notes(data, augment_seconds, rows),
+          sep="\n\n")
     return 0
 
 

@@ -1,19 +1,38 @@
-"""bench.py: a tiny run prints a well-formed report; the MAC counter matches the published
-figures. No timing is asserted: speeds depend on the machine and its load."""
+"""bench.py: a tiny run prints a well-formed report; the FLOP counts match the published
+figures; data errors are one line; fp32 is IEEE float32. No timing is asserted: speeds depend on
+the machine and its load."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import bench
+import cifar_binary
+from synthetic import records
 
-# Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc).
-PUBLISHED_MACS = {20: 40.55e6, 56: 125.49e6}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc),
+# counted by hand: sum over layers of output elements x weights per output channel.
+PUBLISHED_MACS = {20: 40_551_040, 56: 125_485_696, 110: 252_887_680}
+FIRST_CONV_MACS = 32 * 32 * 16 * 3 * 9  # 3 -> 16 channels at 32x32: no gradient to the data
 COLUMNS = ["depth", "pipeline", "train img/s", "speed-up vs reference", "train GFLOP/s",
            "ms/step", "convs alone ms/step", "convs-alone bound", "eval img/s"]
 
 
 @pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
-def test_mac_counter_gives_the_published_figures(depth):
-    assert bench.forward_macs(depth) == pytest.approx(PUBLISHED_MACS[depth], abs=0.1e6)
+def test_flop_counter_gives_the_published_figures(depth):
+    forward, _ = bench.step_flops(depth)
+    assert forward == 2 * PUBLISHED_MACS[depth] * bench.BATCH  # 2 FLOPs per MAC, exactly
+
+
+@pytest.mark.parametrize("depth", sorted(PUBLISHED_MACS))
+def test_backward_is_measured_twice_the_forward_but_the_datas_gradient(depth):
+    forward, backward = bench.step_flops(depth)
+    # Each layer's gradients to its weights and to its input cost one forward each, but for the
+    # first conv, whose input is the data.
+    assert backward == 2 * forward - 2 * FIRST_CONV_MACS * bench.BATCH
 
 
 @pytest.mark.parametrize("depth", [8, 20])
@@ -21,7 +40,8 @@ def test_conv_problems_are_every_conv_of_a_step_in_the_pipelines_layout(depth):
     problems = bench.conv_problems(depth, torch.channels_last, torch.bfloat16, torch.device("cpu"))
     assert len(problems) == depth - 1  # 6n+1 3x3 convs; option A adds none
     macs = sum(grad[0].numel() * w[0].numel() for x, w, grad, *_ in problems)  # per image
-    assert macs + 64 * 10 == bench.forward_macs(depth)  # the same convs as the MAC counter's fc
+    forward, _ = bench.step_flops(depth)
+    assert macs + 64 * 10 == forward / 2 / bench.BATCH  # the same convs as the FLOP counter's fc
     for x, w, grad, stride, padding, input_grad in problems:
         assert x.shape[0] == grad.shape[0] == bench.BATCH
         assert x.dtype == w.dtype == grad.dtype == torch.bfloat16
@@ -42,12 +62,43 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_float32_settings():
+    before = {name: s.fp32_precision for name, s in bench.float32_settings().items()}
+    yield
+    for name, setting in bench.float32_settings().items():
+        setting.fp32_precision = before[name]
+
+
+def test_fp32_means_ieee_float32_in_every_library(restore_float32_settings):
+    bench.ieee_float32()
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"  # TF32 by default
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
+def test_a_damaged_batch_file_is_one_line_and_exit_1(tmp_path):
+    data_dir = tmp_path / "cifar"
+    data_dir.mkdir()
+    damaged = data_dir / cifar_binary.SPLIT_FILES["train"][0]
+    damaged.write_bytes(records(cifar_binary.RECORDS_PER_FILE)[:-100])  # truncated
+    command = [sys.executable, "bench.py", "--depths", "8", "--device", "cpu",
+               "--data-dir", str(data_dir)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # no traceback
+    assert result.stderr.startswith(f"error: {damaged}: ")
+
+
 def number(cell):
     return float(cell.replace(",", "").removesuffix("x"))
 
 
 def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, capsys,
-                                                                   restore_threads):
+                                                                   restore_threads,
+                                                                   restore_float32_settings):
     argv = ["--depths", "8", "--precisions", "fp32", "bf16", "--warmup", "1", "--windows", "2",
             "--steps", "2", "--eval-images", "64", "--workers", "0", "--threads", "1",
             "--data-dir", str(tmp_path / "absent")]
@@ -55,6 +106,7 @@ def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, cap
     out = capsys.readouterr().out
 
     assert "SYNTHETIC" in out
+    assert "(fp32_precision: cuDNN conv ieee, cuBLAS matmul ieee, oneDNN conv ieee, " in out
     assert f"- command: python bench.py {' '.join(argv)}" in out
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == COLUMNS
@@ -73,3 +125,4 @@ def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, cap
     assert "- convs-alone bound:" in out
     assert "- data load: not measured (synthetic images)" in out
     assert "ResNet-8 ours fp32" in out and "ResNet-8 ours bf16" in out  # augmentation shares
+    assert "FlopCounterMode" in out and "ResNet-8 " in out.split("- FLOPs per image")[1]
