@@ -12,6 +12,7 @@ import fcntl
 import http.client
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -40,29 +41,66 @@ class DataError(Exception):
 
 
 def read_records(path, expected_records=RECORDS_PER_FILE):
-    """One binary batch file -> (uint8 array (R, 3, 32, 32), int64 array (R,)), validated."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found; pass --download, or fetch {URL} "
-                        "and extract it so that this file exists") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a CIFAR-10 binary batch file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) % RECORD_BYTES:
-        raise DataError(f"{path}: {len(data):,} bytes is not a whole number of "
+    """One binary batch file -> (uint8 array (R, 3, 32, 32), int64 array (R,)), validated.
+
+    The file must be a regular file (or a symlink to one) whose size is checked before a byte
+    is read: a FIFO, a device or a folder is refused, never read, so none can hang the reader
+    or fill the memory."""
+    size = _regular_file_size(path)
+    if size % RECORD_BYTES:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of "
                         f"{RECORD_BYTES}-byte records (truncated or not a CIFAR-10 binary file)")
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
-    if expected_records is not None and len(records) != expected_records:
-        raise DataError(f"{path}: {len(records):,} records, expected {expected_records:,}")
+    count = size // RECORD_BYTES
+    if expected_records is not None and count != expected_records:
+        raise DataError(f"{path}: {count:,} records, expected {expected_records:,}")
+    records = _read_exactly(path, size).reshape(count, RECORD_BYTES)
     labels = records[:, 0]
     bad = np.flatnonzero(labels > 9)
     if bad.size:
         raise DataError(f"{path}: record {bad[0]} has label byte {labels[bad[0]]}, expected 0-9 "
                         "(not a CIFAR-10 binary file?)")
     return records[:, 1:].reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _regular_file_size(path):
+    """The size of `path`, which must be a regular file; symlinks are followed, nothing opened."""
+    try:
+        mode_and_size = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; pass --download, or fetch {URL} "
+                        "and extract it so that this file exists") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    mode = mode_and_size.st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        link = f" ({os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise DataError(f"{path}: is {kind}{link}, expected a CIFAR-10 binary data file")
+    return mode_and_size.st_size
+
+
+def _read_exactly(path, size):
+    """The `size` bytes of the regular file `path` as a uint8 array; a file that is swapped or
+    changes size meanwhile is refused (O_NONBLOCK: even a FIFO put there since cannot hang)."""
+    data = np.empty(size, dtype=np.uint8)
+    changed = DataError(f"{path}: changed while being read, try again")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or now.st_size != size:
+                raise changed
+            view, done = memoryview(data), 0
+            while done < size and (got := f.readinto(view[done:])):
+                done += got
+            if done != size or f.read(1):
+                raise changed
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return data
 
 
 def load_split(root, split):
