@@ -1,5 +1,5 @@
-"""The CIFAR-10 binary reader against hostile input: random bytes, damaged files, odd paths,
-and paths that are not regular files (FIFOs, devices, folders).
+"""The CIFAR-10 and CIFAR-100 binary readers against hostile input: random bytes, damaged files,
+odd paths, and paths that are not regular files (FIFOs, devices, folders).
 
 Every outcome is either correctly decoded data or a one-line `DataError` naming the file;
 never another exception, never a silently short data set."""
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cifar_binary
-from cifar_binary import RECORD_BYTES, DataError, load_split, read_records
+from cifar_binary import CIFAR10, CIFAR100, RECORD_BYTES, DataError, load_split, read_records
 from synthetic import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,32 +40,34 @@ def write(path, data):
         f.write(data)
 
 
-def valid(data, expected_records):
-    """What the reader must accept: whole records, the expected count, labels 0-9."""
-    if len(data) % RECORD_BYTES:
+def valid(data, expected_records, ds=CIFAR10):
+    """What the reader must accept: whole records, the expected count, every label byte in
+    range (CIFAR-10: 0-9; CIFAR-100: coarse 0-19 and fine 0-99)."""
+    if len(data) % ds.record_bytes:
         return False
-    raw = np.frombuffer(data, np.uint8).reshape(-1, RECORD_BYTES)
+    raw = np.frombuffer(data, np.uint8).reshape(-1, ds.record_bytes)
     if expected_records is not None and len(raw) != expected_records:
         return False
-    return bool((raw[:, 0] <= 9).all())
+    return bool((raw[:, :len(ds.label_counts)] < np.array(ds.label_counts)).all())
 
 
-def read_and_check(path, data, expected_records):
+def read_and_check(path, data, expected_records, ds=CIFAR10):
     """Read `data` from `path`; assert the outcome is right; return the DataError or None."""
     write(path, data)
     try:
-        images, labels = read_records(path, expected_records=expected_records)
+        images, labels = read_records(path, expected_records=expected_records, dataset=ds)
     except DataError as e:
         message = str(e)
         assert "\n" not in message and path in message
-        assert not valid(data, expected_records), f"rejected a valid file: {message}"
+        assert not valid(data, expected_records, ds), f"rejected a valid file: {message}"
         return e
-    assert valid(data, expected_records)
-    raw = np.frombuffer(data, np.uint8).reshape(-1, RECORD_BYTES)
+    assert valid(data, expected_records, ds)
+    raw = np.frombuffer(data, np.uint8).reshape(-1, ds.record_bytes)
     assert images.dtype == np.uint8 and images.shape == (len(raw), 3, 32, 32)
     assert labels.dtype == np.int64 and labels.shape == (len(raw),)
-    np.testing.assert_array_equal(images.reshape(len(raw), RECORD_BYTES - 1), raw[:, 1:])
-    np.testing.assert_array_equal(labels, raw[:, 0])
+    np.testing.assert_array_equal(images.reshape(len(raw), cifar_binary.PIXEL_BYTES),
+                                  raw[:, len(ds.label_counts):])
+    np.testing.assert_array_equal(labels, raw[:, ds.target])
     return None
 
 
@@ -115,6 +117,55 @@ def test_bad_label_bytes_are_caught_at_the_first_bad_record(path, data, st_data)
         error = read_and_check(path, bytes(corrupted), expected)
         assert error is not None
         assert f"record {first} has label byte {corrupted[first * RECORD_BYTES]}," in str(error)
+
+
+def record100_bytes(coarse_strategy, fine_strategy):
+    pixels = st.binary(min_size=cifar_binary.PIXEL_BYTES, max_size=cifar_binary.PIXEL_BYTES)
+    return st.builds(lambda coarse, fine, image: bytes([coarse, fine]) + image,
+                     coarse_strategy, fine_strategy, pixels)
+
+
+RECORD100_BYTES = CIFAR100.record_bytes
+well_formed100 = st.lists(record100_bytes(st.integers(0, 19), st.integers(0, 99)),
+                          min_size=1, max_size=3).map(b"".join)
+mostly_plausible100 = st.one_of(
+    st.binary(max_size=2 * RECORD100_BYTES + 10),
+    st.lists(record100_bytes(st.integers(0, 19) | st.integers(0, 255),
+                             st.integers(0, 99) | st.integers(0, 255)), max_size=3).map(b"".join),
+)
+
+
+@SETTINGS
+@given(data=mostly_plausible100, expected=st.sampled_from([None, 0, 1, 2, 3]))
+def test_cifar100_any_bytes_load_correctly_or_raise_data_error(path, data, expected):
+    read_and_check(path, data, expected, CIFAR100)
+
+
+@SETTINGS
+@given(data=well_formed100, cut_fraction=st.floats(0, 1, exclude_max=True))
+def test_cifar100_truncation_at_any_byte_is_caught(path, data, cut_fraction):
+    cut = int(len(data) * cut_fraction)
+    assert read_and_check(path, data[:cut], len(data) // RECORD100_BYTES, CIFAR100) is not None
+
+
+@SETTINGS
+@given(data=well_formed100, st_data=st.data())
+def test_cifar100_bad_coarse_or_fine_label_is_caught_at_the_first_bad_record(path, data, st_data):
+    count = len(data) // RECORD100_BYTES
+    bad = st_data.draw(st.dictionaries(st.integers(0, count - 1), st.sampled_from([0, 1]),
+                                       min_size=1))  # record -> its bad label byte
+    corrupted = bytearray(data)
+    for index, byte in bad.items():
+        limit = CIFAR100.label_counts[byte]  # 20 coarse labels, 100 fine labels
+        corrupted[index * RECORD100_BYTES + byte] = st_data.draw(st.integers(limit, 255))
+    first = min(bad)
+    byte = bad[first]
+    value = corrupted[first * RECORD100_BYTES + byte]
+    name, highest = [("coarse label", 19), ("fine label", 99)][byte]
+    for expected in (count, None):
+        error = read_and_check(path, bytes(corrupted), expected, CIFAR100)
+        assert error is not None
+        assert f"record {first} has {name} byte {value}, expected 0-{highest} " in str(error)
 
 
 def test_zero_length_file(tmp_path):
@@ -239,6 +290,14 @@ def test_load_split_names_the_fifo_among_the_batches(synthetic_cifar, tmp_path):
         load_split(str(root), "train")
     assert str(e.value).startswith(f"{root / 'data_batch_3.bin'}: ")
     assert len(load_split(str(root), "test")[0]) == 10_000  # symlinks to regular files are fine
+
+
+def test_cifar100_fifo_in_place_of_train_bin_is_refused_without_hanging(tmp_path):
+    os.mkfifo(tmp_path / "train.bin")
+    with no_hang(), pytest.raises(DataError) as e:
+        load_split(str(tmp_path), "train", dataset="cifar100")
+    assert str(e.value) == (f"{tmp_path / 'train.bin'}: is a FIFO, "
+                            "expected a CIFAR-100 binary data file")
 
 
 def test_symlink_to_a_regular_file_is_read(tmp_path):
