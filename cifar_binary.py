@@ -1,10 +1,13 @@
-"""CIFAR-10 for Section 4.2 of He et al. 2015, read from the official binary records.
+"""CIFAR-10 for Section 4.2 of He et al. 2015, and CIFAR-100, read from the official binary records.
 
-A record is 3073 bytes: the label (0-9), then the 1024 red, 1024 green and 1024 blue bytes of a
-32x32 image, each plane row-major. `data_batch_1.bin` .. `data_batch_5.bin` hold the 50,000
-training images, `test_batch.bin` the 10,000 test images, 10,000 records each.
+A CIFAR-10 record is 3073 bytes: the label (0-9), then the 1024 red, 1024 green and 1024 blue
+bytes of a 32x32 image, each plane row-major. `data_batch_1.bin` .. `data_batch_5.bin` hold the
+50,000 training images, `test_batch.bin` the 10,000 test images, 10,000 records each.
+A CIFAR-100 record is 3074 bytes: the coarse label (0-19), the fine label (0-99), then the same
+3072 pixel bytes; `train.bin` holds the 50,000 training images, `test.bin` the 10,000 test
+images. Nets learn the 100 fine labels.
 
-Also here: the official archive's download, the per-pixel mean, and the paper's augmentation
+Also here: the official archives' download, the per-pixel mean, and the paper's augmentation
 ("4 pixels are padded on each side, and a 32x32 crop is randomly sampled from the padded image
 or its horizontal flip") as batched tensor code on any device.
 """
@@ -12,108 +15,249 @@ import fcntl
 import http.client
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-MD5 = "c32a1d4ab5d03f1284b67883e8d87530"  # of the official 170,052,171-byte archive
-ARCHIVE_DIR = "cifar-10-batches-bin"  # the folder inside the archive
-SPLIT_FILES = {
-    "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
-    "test": ["test_batch.bin"],
-}
-# What the official cifar-10-batches-bin folder holds.
-OFFICIAL_FILES = {*SPLIT_FILES["train"], *SPLIT_FILES["test"], "batches.meta.txt", "readme.html"}
-RECORD_BYTES = 1 + 3 * 32 * 32
+PIXEL_BYTES = 3 * 32 * 32  # the red, green and blue planes that end every record
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """What differs between the binary versions of CIFAR-10 and CIFAR-100."""
+    name: str  # in messages
+    url: str  # the official archive
+    md5: str  # of the official archive
+    archive_dir: str  # the folder inside the archive, and the data folder's usual name
+    env_var: str  # the environment variable users set to an extracted folder
+    splits: dict  # {"train": {file name: records}, "test": {...}}, files in order
+    label_names: tuple  # one per label byte at the start of a record
+    label_counts: tuple  # how many values each label byte takes
+    target: int  # the label byte the nets learn
+    classes: tuple  # the target's class names, in label order
+    meta_files: tuple  # extracted with the data files: the official class name lists
+    other_files: tuple = ()  # also in the official folder, not extracted
+
+    def __post_init__(self):
+        if len(self.classes) != self.label_counts[self.target]:
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for "
+                             f"{self.label_counts[self.target]} labels")
+
+    @property
+    def record_bytes(self):
+        return len(self.label_counts) + PIXEL_BYTES
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def layout(self, root, split=None):
+        """[(path, records)] of the data files under `root`, of one split or of all, in order."""
+        return [(os.path.join(root, name), records)
+                for s, files in self.splits.items() if split in (None, s)
+                for name, records in files.items()]
+
+    @property
+    def official_files(self):
+        """What the official folder holds."""
+        return ({name for files in self.splits.values() for name in files}
+                | set(self.meta_files) | set(self.other_files))
+
+
+CIFAR10 = Dataset(
+    name="CIFAR-10",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    md5="c32a1d4ab5d03f1284b67883e8d87530",  # of the official 170,052,171-byte archive
+    archive_dir="cifar-10-batches-bin",
+    env_var="CIFAR10_DIR",
+    splits={"train": {f"data_batch_{i}.bin": 10_000 for i in range(1, 6)},
+            "test": {"test_batch.bin": 10_000}},
+    label_names=("label",),
+    label_counts=(10,),
+    target=0,
+    classes=("airplane", "automobile", "bird", "cat", "deer",
+             "dog", "frog", "horse", "ship", "truck"),
+    meta_files=("batches.meta.txt",),
+    other_files=("readme.html",),
+)
+
+CIFAR100 = Dataset(
+    name="CIFAR-100",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    md5="03b5dce01913d631647c71ecec9e9cb8",  # of the official archive
+    archive_dir="cifar-100-binary",
+    env_var="CIFAR100_DIR",
+    splits={"train": {"train.bin": 50_000}, "test": {"test.bin": 10_000}},
+    label_names=("coarse label", "fine label"),
+    label_counts=(20, 100),
+    target=1,  # the fine label
+    classes=(  # fine_label_names.txt, in label order
+        "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+        "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+        "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+        "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
+        "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower",
+        "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+        "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear",
+        "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum", "rabbit",
+        "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+        "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower",
+        "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train",
+        "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm"),
+    meta_files=("coarse_label_names.txt", "fine_label_names.txt"),
+)
+
+DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+
+# CIFAR-10's layout under the names callers already use.
+URL, MD5, ARCHIVE_DIR, CLASSES = CIFAR10.url, CIFAR10.md5, CIFAR10.archive_dir, CIFAR10.classes
+SPLIT_FILES = {split: list(files) for split, files in CIFAR10.splits.items()}
+OFFICIAL_FILES = CIFAR10.official_files
+RECORD_BYTES = CIFAR10.record_bytes
 RECORDS_PER_FILE = 10_000
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
 
 
 class DataError(Exception):
     """A data set problem the user can fix; the message is one line naming the file."""
 
 
-def read_records(path, expected_records=RECORDS_PER_FILE):
-    """One binary batch file -> (uint8 array (R, 3, 32, 32), int64 array (R,)), validated."""
+def get_dataset(dataset):
+    """A key of DATASETS ("cifar10", "cifar100") or a Dataset -> the Dataset."""
+    if isinstance(dataset, Dataset):
+        return dataset
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    return DATASETS[dataset]
+
+
+def read_records(path, expected_records=RECORDS_PER_FILE, dataset="cifar10"):
+    """One binary data file -> (uint8 array (R, 3, 32, 32), int64 array (R,)), validated; the
+    labels are those the nets learn (CIFAR-100's fine labels). `expected_records=None` accepts
+    any whole number of records.
+
+    The file must be a regular file (or a symlink to one) whose size is checked before a byte
+    is read: a FIFO, a device or a folder is refused, never read, so none can hang the reader
+    or fill the memory."""
+    ds = get_dataset(dataset)
+    size = _regular_file_size(path, ds)
+    if size % ds.record_bytes:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of "
+                        f"{ds.record_bytes}-byte records (truncated or not a {ds.name} "
+                        "binary file)")
+    count = size // ds.record_bytes
+    if expected_records is not None and count != expected_records:
+        raise DataError(f"{path}: {count:,} records, expected {expected_records:,}")
+    records = _read_exactly(path, size).reshape(count, ds.record_bytes)
+    labels = records[:, :len(ds.label_counts)]  # (R, 1) or (R, 2): coarse, fine
+    bad = np.flatnonzero((labels >= np.array(ds.label_counts)).any(1))
+    if bad.size:
+        record = bad[0]
+        byte = int(np.flatnonzero(labels[record] >= np.array(ds.label_counts))[0])
+        raise DataError(f"{path}: record {record} has {ds.label_names[byte]} byte "
+                        f"{labels[record, byte]}, expected 0-{ds.label_counts[byte] - 1} "
+                        f"(not a {ds.name} binary file?)")
+    images = records[:, len(ds.label_counts):].reshape(-1, 3, 32, 32)
+    return images, labels[:, ds.target].astype(np.int64)
+
+
+def _regular_file_size(path, ds):
+    """The size of `path`, which must be a regular file; symlinks are followed, nothing opened."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        mode_and_size = os.stat(path)
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found; pass --download, or fetch {URL} "
+        raise DataError(f"{path}: file not found; pass --download, or fetch {ds.url} "
                         "and extract it so that this file exists") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a CIFAR-10 binary batch file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) % RECORD_BYTES:
-        raise DataError(f"{path}: {len(data):,} bytes is not a whole number of "
-                        f"{RECORD_BYTES}-byte records (truncated or not a CIFAR-10 binary file)")
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
-    if expected_records is not None and len(records) != expected_records:
-        raise DataError(f"{path}: {len(records):,} records, expected {expected_records:,}")
-    labels = records[:, 0]
-    bad = np.flatnonzero(labels > 9)
-    if bad.size:
-        raise DataError(f"{path}: record {bad[0]} has label byte {labels[bad[0]]}, expected 0-9 "
-                        "(not a CIFAR-10 binary file?)")
-    return records[:, 1:].reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    mode = mode_and_size.st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        link = f" ({os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise DataError(f"{path}: is {kind}{link}, expected a {ds.name} binary data file")
+    return mode_and_size.st_size
 
 
-def load_split(root, split):
+def _read_exactly(path, size):
+    """The `size` bytes of the regular file `path` as a uint8 array; a file that is swapped or
+    changes size meanwhile is refused (O_NONBLOCK: even a FIFO put there since cannot hang)."""
+    data = np.empty(size, dtype=np.uint8)
+    changed = DataError(f"{path}: changed while being read, try again")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as f:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or now.st_size != size:
+                raise changed
+            view, done = memoryview(data), 0
+            while done < size and (got := f.readinto(view[done:])):
+                done += got
+            if done != size or f.read(1):
+                raise changed
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return data
+
+
+def load_split(root, split, dataset="cifar10"):
     """"train" or "test" -> (images uint8 tensor (N, 3, 32, 32), labels int64 tensor (N,))."""
-    if split not in SPLIT_FILES:
+    ds = get_dataset(dataset)
+    if split not in ds.splits:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    parts = [read_records(os.path.join(root, name)) for name in SPLIT_FILES[split]]
-    images = np.concatenate([images for images, _ in parts])
+    parts = [read_records(path, records, ds) for path, records in ds.layout(root, split)]
+    images = np.concatenate([images for images, _ in parts])  # a contiguous copy
     labels = np.concatenate([labels for _, labels in parts])
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _present(root):
-    """All six batch files exist with the official size."""
-    paths = [os.path.join(root, name) for files in SPLIT_FILES.values() for name in files]
-    return all(os.path.isfile(p) and os.path.getsize(p) == RECORDS_PER_FILE * RECORD_BYTES
-               for p in paths)
+def _present(root, ds):
+    """Every data file exists with the official size."""
+    return all(os.path.isfile(path) and os.path.getsize(path) == records * ds.record_bytes
+               for path, records in ds.layout(root))
 
 
-def download(root, url=URL, md5=MD5):
-    """Fetch the official archive into `root`'s parent folder, check its md5, and extract the
-    six batch files (and batches.meta.txt) into `root`, which appears only once complete.
-    Concurrent calls (torchrun's processes, two runs) take turns: one downloads, the others
-    find the data there."""
+def download(root, dataset="cifar10", url=None, md5=None):
+    """Fetch the official archive (or `url`, checked against `md5`) into `root`'s parent
+    folder, check its md5, and extract the data files and class name lists into `root`, which
+    appears only once complete. Concurrent calls (torchrun's processes, two runs) take turns:
+    one downloads, the others find the data there."""
+    ds = get_dataset(dataset)
+    url, md5 = ds.url if url is None else url, ds.md5 if md5 is None else md5
     root = os.path.abspath(root)
-    if _present(root):
+    if _present(root, ds):
         return  # already there; load_split still validates every byte
     parent = os.path.dirname(root)
-    _must_hold_only_cifar_files(root)  # before fetching 170 MB
+    _must_hold_only_official_files(root, ds)  # before fetching 170 MB
     os.makedirs(parent, exist_ok=True)
     with open(os.path.join(parent, f".{os.path.basename(root)}.download-lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _present(root):  # another process may have finished it while we waited
-            _download_and_extract(root, url, md5)
+        if not _present(root, ds):  # another process may have finished it while we waited
+            _download_and_extract(root, url, md5, ds)
 
 
-def _must_hold_only_cifar_files(root):
+def _must_hold_only_official_files(root, ds):
     """A partial or damaged data set is replaced as a whole, so `root` must hold nothing else:
     a --data-dir that points at some other folder is refused, never emptied."""
     if os.path.exists(root) and not os.path.isdir(root):
-        raise DataError(f"{root}: is a file, expected a folder for the CIFAR-10 batches")
+        raise DataError(f"{root}: is a file, expected a folder for the {ds.name} data files")
     if os.path.isdir(root):
-        others = sorted(set(os.listdir(root)) - OFFICIAL_FILES)
+        others = sorted(set(os.listdir(root)) - ds.official_files)
         if others:
-            raise DataError(f"{root}: incomplete CIFAR-10 folder that also holds "
+            raise DataError(f"{root}: incomplete {ds.name} folder that also holds "
                             f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}; "
                             "--download replaces this folder, so point --data-dir at a "
-                            "cifar-10-batches-bin folder or a new one")
+                            f"{ds.archive_dir} folder or a new one")
 
 
-def _download_and_extract(root, url, md5):
+def _download_and_extract(root, url, md5, ds):
     from torchvision.datasets.utils import check_integrity, download_url  # only needed here
 
     parent = os.path.dirname(root)
@@ -127,8 +271,9 @@ def _download_and_extract(root, url, md5):
             raise DataError(f"{archive}: md5 differs from {md5} (corrupted or interrupted "
                             "download); it was deleted, try again") from None
         raise DataError(f"{url}: download failed ({e})") from None
-    wanted = {f"{ARCHIVE_DIR}/{name}" for files in SPLIT_FILES.values() for name in files}
-    extracted = wanted | {f"{ARCHIVE_DIR}/batches.meta.txt"}  # nothing else, no path traversal
+    wanted = {f"{ds.archive_dir}/{name}" for files in ds.splits.values() for name in files}
+    extracted = wanted | {f"{ds.archive_dir}/{name}" for name in ds.meta_files}  # nothing else,
+    # no path traversal
     staging = tempfile.mkdtemp(prefix=".cifar-extract-", dir=parent)
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -140,14 +285,14 @@ def _download_and_extract(root, url, md5):
                     wanted.discard(member.name)
         if wanted:
             raise DataError(f"{archive}: missing {', '.join(sorted(wanted))}")
-        for split in SPLIT_FILES:  # validate before the data set becomes visible
+        for split in ds.splits:  # validate before the data set becomes visible
             try:
-                load_split(staging, split)
+                load_split(staging, split, ds)
             except DataError as e:
                 raise DataError(f"{archive}: bad contents: {e}") from None
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a data set is shared
         if os.path.isdir(root):
-            _must_hold_only_cifar_files(root)  # still, after the download
+            _must_hold_only_official_files(root, ds)  # still, after the download
             shutil.rmtree(root)
         os.replace(staging, root)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # zlib: corrupt deflate data

@@ -1,4 +1,5 @@
-"""Small CIFAR-10-format data sets written in the official binary layout, for tests."""
+"""Small CIFAR-10- and CIFAR-100-format data sets written in the official binary layouts, for
+tests."""
 import os
 
 import numpy as np
@@ -6,18 +7,24 @@ import numpy as np
 import cifar_binary
 
 
-def records(count, seed=0, labels=None):
-    """`count` random 3073-byte records as one bytes object (labels 0-9 unless given)."""
+def records(count, seed=0, labels=None, dataset="cifar10"):
+    """`count` random records as one bytes object: 3073 bytes each for CIFAR-10 (labels 0-9
+    unless given), 3074 for CIFAR-100 (coarse labels 0-19, fine labels 0-99 unless given)."""
+    ds = cifar_binary.get_dataset(dataset)
     rng = np.random.default_rng(seed)
-    out = rng.integers(0, 256, size=(count, cifar_binary.RECORD_BYTES), dtype=np.uint8)
-    out[:, 0] = rng.integers(0, 10, size=count) if labels is None else labels
+    out = rng.integers(0, 256, size=(count, ds.record_bytes), dtype=np.uint8)
+    for byte, values in enumerate(ds.label_counts):
+        out[:, byte] = rng.integers(0, values, size=count)
+    if labels is not None:
+        out[:, ds.target] = labels
     return out.tobytes()
 
 
-def write_dataset(root, seed=0):
-    """The six batch files with 10,000 random records each (the official counts)."""
+def write_dataset(root, seed=0, dataset="cifar10"):
+    """Every data file of the data set, with the official record counts of random records."""
     os.makedirs(root, exist_ok=True)
-    for i, name in enumerate(cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]):
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(records(cifar_binary.RECORDS_PER_FILE, seed=seed * 10 + i))
+    layout = cifar_binary.get_dataset(dataset).layout(root)
+    for i, (path, count) in enumerate(layout):
+        with open(path, "wb") as f:
+            f.write(records(count, seed=seed * 10 + i, dataset=dataset))
     return root

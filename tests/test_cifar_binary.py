@@ -1,4 +1,5 @@
-"""CIFAR-10 binary reader, mean, augmentation and split of Section 4.2 (cifar_binary.py)."""
+"""CIFAR-10 binary reader, mean, augmentation and split of Section 4.2 (cifar_binary.py), and
+the CIFAR-100 reader."""
 import os
 import time
 
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 import cifar_binary
-from cifar_binary import (DataError, augment, load_split, normalize, per_pixel_mean,
-                          read_records, train_val_split)
-from synthetic import records
+from cifar_binary import (CIFAR10, CIFAR100, DATASETS, DataError, augment, load_split, normalize,
+                          per_pixel_mean, read_records, train_val_split)
+from synthetic import records, write_dataset
 
 ALL_FILES = cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]
 
@@ -19,11 +20,12 @@ def pixel_value(record, channel, row, col):
     return [row + 32 * record, col + 64, (row * 7 + col + 11 * record) % 256][channel]
 
 
-def coordinate_records(count):
-    """`count` records, label (3 * k) % 10, written byte by byte in the documented layout."""
+def coordinate_records(count, labels_of=lambda k: [3 * k % 10]):
+    """`count` records, labels `labels_of(k)` (CIFAR-10: (3 * k) % 10), written byte by byte in
+    the documented layout."""
     out = bytearray()
     for k in range(count):
-        out.append(3 * k % 10)
+        out.extend(labels_of(k))
         for channel in range(3):  # R plane, G plane, B plane, each row-major
             for row in range(32):
                 for col in range(32):
@@ -142,6 +144,100 @@ def test_load_split_rejects_a_batch_one_record_short(synthetic_cifar, tmp_path):
         load_split(root, "train")
     assert os.path.join(root, "data_batch_4.bin") in str(e.value)
     assert load_split(root, "test")[0].shape == (10_000, 3, 32, 32)  # the other split still loads
+
+
+# --- CIFAR-100 ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_cifar100(tmp_path_factory):
+    """A full-size CIFAR-100 binary data set of random images and labels."""
+    root = tmp_path_factory.mktemp("cifar100") / "cifar-100-binary"
+    return write_dataset(str(root), dataset="cifar100")
+
+
+def test_the_data_sets_are_described_as_the_official_archives_hold_them():
+    assert set(DATASETS) == {"cifar10", "cifar100"}
+    assert CIFAR10.record_bytes == cifar_binary.RECORD_BYTES == 3073
+    assert [(os.path.basename(p), n) for p, n in CIFAR10.layout("")] == [
+        (name, 10_000) for name in ALL_FILES]
+    assert CIFAR10.classes == cifar_binary.CLASSES and CIFAR10.num_classes == 10
+    assert CIFAR100.record_bytes == 3074 and CIFAR100.num_classes == 100
+    assert CIFAR100.layout("d") == [("d/train.bin", 50_000), ("d/test.bin", 10_000)]
+    assert CIFAR100.archive_dir == "cifar-100-binary"
+    assert CIFAR100.url == "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
+    assert CIFAR100.md5 == "03b5dce01913d631647c71ecec9e9cb8"
+    assert CIFAR100.official_files == {"train.bin", "test.bin", "coarse_label_names.txt",
+                                       "fine_label_names.txt"}
+    # fine_label_names.txt happens to list the classes alphabetically
+    classes = CIFAR100.classes
+    assert len(set(classes)) == 100 and list(classes) == sorted(classes)
+    assert (classes[0], classes[1], classes[58], classes[99]) == (
+        "apple", "aquarium_fish", "pickup_truck", "worm")
+
+
+def test_cifar100_record_layout_is_coarse_then_fine_label_then_the_planes(tmp_path):
+    path = write(tmp_path / "test.bin", coordinate_records(4, lambda k: [k % 20, 37 * k % 100]))
+    images, labels = read_records(path, expected_records=4, dataset="cifar100")
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 37, 74, 11]  # the fine labels
+    k, c, r, w = np.meshgrid(range(4), range(3), range(32), range(32), indexing="ij")
+    expected = np.choose(c, [r + 32 * k, w + 64, (r * 7 + w + 11 * k) % 256])
+    np.testing.assert_array_equal(images, expected)
+
+
+def test_cifar100_splits_are_train_bin_and_test_bin_with_fine_labels(synthetic_cifar100):
+    for split, name, count in (("train", "train.bin", 50_000), ("test", "test.bin", 10_000)):
+        images, labels = load_split(synthetic_cifar100, split, dataset="cifar100")
+        assert images.dtype == torch.uint8 and images.shape == (count, 3, 32, 32)
+        assert images.is_contiguous()
+        assert labels.dtype == torch.int64 and labels.shape == (count,)
+        with open(os.path.join(synthetic_cifar100, name), "rb") as f:
+            raw = np.frombuffer(f.read(), np.uint8).reshape(count, 3074)
+        assert np.array_equal(labels.numpy(), raw[:, 1])  # (assert_array_equal: 7 s here)
+        assert np.array_equal(images.numpy().reshape(count, -1), raw[:, 2:])
+        assert labels.min() >= 0 and labels.max() == 99 and raw[:, 0].max() == 19
+
+
+def test_cifar100_bad_label_messages_name_the_label_byte(tmp_path):
+    data = bytearray(records(3, dataset="cifar100"))
+    data[3074] = 20  # record 1's coarse label
+    path = write(tmp_path / "test.bin", bytes(data))
+    with pytest.raises(DataError) as e:
+        read_records(path, expected_records=3, dataset="cifar100")
+    assert str(e.value) == (f"{path}: record 1 has coarse label byte 20, expected 0-19 "
+                            "(not a CIFAR-100 binary file?)")
+    data[3074], data[2 * 3074 + 1] = 19, 100  # record 2's fine label
+    path = write(tmp_path / "test.bin", bytes(data))
+    with pytest.raises(DataError, match="record 2 has fine label byte 100, expected 0-99"):
+        read_records(path, expected_records=3, dataset="cifar100")
+
+
+def test_cifar10_records_are_not_cifar100_records(synthetic_cifar, tmp_path):
+    os.symlink(os.path.join(synthetic_cifar, "test_batch.bin"), tmp_path / "test.bin")
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), "test", dataset="cifar100")
+    assert str(e.value) == (f"{tmp_path / 'test.bin'}: 30,730,000 bytes is not a whole number of "
+                            "3074-byte records (truncated or not a CIFAR-100 binary file)")
+
+
+def test_cifar100_record_counts_are_checked_per_file(synthetic_cifar100, tmp_path):
+    os.symlink(os.path.join(synthetic_cifar100, "test.bin"), tmp_path / "train.bin")
+    os.symlink(os.path.join(synthetic_cifar100, "test.bin"), tmp_path / "test.bin")
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), "train", dataset="cifar100")
+    assert str(e.value) == f"{tmp_path / 'train.bin'}: 10,000 records, expected 50,000"
+    assert len(load_split(str(tmp_path), "test", dataset="cifar100")[0]) == 10_000
+
+
+def test_cifar100_missing_file_message_names_it_and_the_cifar100_archive(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), "test", dataset="cifar100")
+    assert str(e.value) == (f"{tmp_path / 'test.bin'}: file not found; pass --download, or fetch "
+                            f"{CIFAR100.url} and extract it so that this file exists")
+
+
+def test_unknown_data_set_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="one of cifar10, cifar100, got 'cifar1000'"):
+        load_split(str(tmp_path), "train", dataset="cifar1000")
 
 
 # --- mean, normalisation, split ----------------------------------------------------------

@@ -1,5 +1,6 @@
 """`cifar_binary.download` against a real HTTP server on 127.0.0.1 serving small synthetic
-archives in the official layout (full-size batch files of low-entropy bytes)."""
+archives in the official layouts of CIFAR-10 and CIFAR-100 (full-size data files of low-entropy
+bytes)."""
 import functools
 import glob
 import hashlib
@@ -15,10 +16,13 @@ import numpy as np
 import pytest
 
 import cifar_binary
-from cifar_binary import ARCHIVE_DIR, DataError, download, load_split
+from cifar_binary import ARCHIVE_DIR, CIFAR100, DataError, download, load_split
 
 ARCHIVE = "cifar-10-binary.tar.gz"
 BATCHES = cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]
+ARCHIVE100 = "cifar-100-binary.tar.gz"
+DIR100 = CIFAR100.archive_dir  # cifar-100-binary
+FILES100 = ["train.bin", "test.bin", "coarse_label_names.txt", "fine_label_names.txt"]
 
 
 def batch_bytes(index, records=cifar_binary.RECORDS_PER_FILE):
@@ -111,10 +115,13 @@ class Server:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
-    def serve(self, data):
-        with open(os.path.join(self.folder, ARCHIVE), "wb") as f:
+    def serve(self, data, name=ARCHIVE):
+        with open(os.path.join(self.folder, name), "wb") as f:
             f.write(data)
         return md5(data)
+
+    def url_of(self, name):
+        return self.url.replace(ARCHIVE, name)
 
     def close(self):
         self.httpd.shutdown()
@@ -153,7 +160,7 @@ def test_download_fetches_verifies_and_extracts_the_batches(server, root, good_a
     assert images.shape == (50_000, 3, 32, 32)
     assert images[10_000].unique().tolist() == [2]  # first image of data_batch_2
     assert labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    assert load_split(root, "test")[0].unique().tolist() == [6]
+    assert bool((load_split(root, "test")[0] == 6).all())
     assert not glob.glob(os.path.join(os.path.dirname(root), ".cifar-extract-*"))
     # the verified archive is kept next to the data folder and reused without a request
     with open(os.path.join(os.path.dirname(root), ARCHIVE), "rb") as f:
@@ -162,7 +169,7 @@ def test_download_fetches_verifies_and_extracts_the_batches(server, root, good_a
     server.requests.clear()
     download(root, url=server.url, md5=checksum)
     assert server.requests == []
-    assert load_split(root, "test")[0].unique().tolist() == [6]
+    assert bool((load_split(root, "test")[0] == 6).all())
 
 
 def test_complete_data_folder_skips_the_download(tmp_path, root):
@@ -332,7 +339,7 @@ def test_concurrent_downloads_take_turns_and_fetch_once(server, root, good_archi
         thread.join()
     assert errors == []
     assert len(server.requests) == requests_of_one_download
-    assert load_split(root, "test")[0].unique().tolist() == [6]
+    assert bool((load_split(root, "test")[0] == 6).all())
     assert not glob.glob(os.path.join(os.path.dirname(root), ".cifar-extract-*"))
 
 
@@ -351,3 +358,125 @@ def test_damaged_archive_with_matching_md5_raises_data_error(server, root, good_
     with pytest.raises(DataError):
         download(root, url=server.url, md5=checksum)
     assert_nothing_extracted(root)
+
+
+# --- CIFAR-100: the same download path, its own archive and layout ----------------------------
+
+def cifar100_bytes(index, records):
+    """Coarse labels 0..19 and fine labels 0..99 repeating; every pixel equal to index + 1."""
+    data = np.full((records, CIFAR100.record_bytes), index + 1, dtype=np.uint8)
+    data[:, 0] = np.arange(records) % 20
+    data[:, 1] = np.arange(records) % 100
+    return data.tobytes()
+
+
+def cifar100_members(full_size=True):
+    """train.bin and test.bin (the official counts, or one record each) and the name lists."""
+    members = {f"{DIR100}/{name}": cifar100_bytes(i, records if full_size else 1)
+               for i, (name, records) in enumerate([("train.bin", 50_000), ("test.bin", 10_000)])}
+    members[f"{DIR100}/coarse_label_names.txt"] = b"aquatic_mammals\nfish\n"
+    members[f"{DIR100}/fine_label_names.txt"] = "\n".join(CIFAR100.classes).encode()
+    return members
+
+
+@pytest.fixture(scope="module")
+def good_archive100():
+    return make_archive(cifar100_members())
+
+
+@pytest.fixture
+def root100(tmp_path):
+    return str(tmp_path / "data" / DIR100)
+
+
+def test_cifar100_download_fetches_verifies_and_extracts_beside_cifar10(server, root100, tmp_path,
+                                                                       good_archive100):
+    cifar10_root = tmp_path / "data" / ARCHIVE_DIR  # a complete CIFAR-10 in the same data/
+    os.makedirs(cifar10_root)
+    for name in BATCHES:  # sparse files of the official size
+        with open(cifar10_root / name, "wb") as f:
+            f.truncate(cifar_binary.RECORDS_PER_FILE * cifar_binary.RECORD_BYTES)
+    checksum = server.serve(good_archive100, ARCHIVE100)
+    download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    assert server.requests
+    assert sorted(os.listdir(root100)) == sorted(FILES100)
+    images, labels = load_split(root100, "train", dataset="cifar100")
+    assert images.shape == (50_000, 3, 32, 32) and bool((images == 1).all())
+    assert labels[:3].tolist() == [0, 1, 2] and labels[99:102].tolist() == [99, 0, 1]  # fine
+    assert bool((load_split(root100, "test", dataset="cifar100")[0] == 2).all())
+    with open(os.path.join(root100, "fine_label_names.txt")) as f:
+        assert f.read().split() == list(CIFAR100.classes)
+    parent = os.path.dirname(root100)
+    assert not glob.glob(os.path.join(parent, ".cifar-extract-*"))
+    assert sorted(os.listdir(cifar10_root)) == sorted(BATCHES)  # CIFAR-10 left as it was
+    # both are complete now: neither asks the server again
+    server.requests.clear()
+    download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    download(str(cifar10_root), url=server.url, md5="0" * 32)
+    assert server.requests == []
+
+
+def test_download_defaults_to_each_official_archive(monkeypatch, tmp_path):
+    fetched = []
+    def fetch(root, url, md5, ds):
+        fetched.append((os.path.basename(root), url, md5))
+
+    monkeypatch.setattr(cifar_binary, "_download_and_extract", fetch)
+    download(str(tmp_path / "a" / "cifar-10-batches-bin"))
+    download(str(tmp_path / "b" / "cifar-100-binary"), "cifar100")
+    download(str(tmp_path / "c" / "mine"), dataset=CIFAR100, md5="1" * 32)
+    assert fetched == [
+        ("cifar-10-batches-bin", "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+         "c32a1d4ab5d03f1284b67883e8d87530"),
+        ("cifar-100-binary", "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+         "03b5dce01913d631647c71ecec9e9cb8"),
+        ("mine", "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "1" * 32)]
+
+
+def test_cifar100_wrong_md5_deletes_archive_and_creates_no_data_folder(server, root100):
+    server.serve(make_archive(cifar100_members(full_size=False)), ARCHIVE100)
+    with pytest.raises(DataError, match="md5") as e:
+        download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5="0" * 32)
+    assert "\n" not in str(e.value) and server.requests
+    assert_nothing_extracted(root100)
+    assert not os.path.exists(os.path.join(os.path.dirname(root100), ARCHIVE100))
+
+
+def test_cifar10_archive_is_not_taken_for_cifar100(server, root100):
+    checksum = server.serve(make_archive(tiny_members()), ARCHIVE100)
+    with pytest.raises(DataError) as e:
+        download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    assert str(e.value).endswith(f"{ARCHIVE100}: missing {DIR100}/test.bin, {DIR100}/train.bin")
+    assert_nothing_extracted(root100)
+
+
+def test_cifar100_archive_with_short_files_is_rejected_before_it_becomes_visible(server, root100):
+    checksum = server.serve(make_archive(cifar100_members(full_size=False)), ARCHIVE100)
+    with pytest.raises(DataError, match="bad contents: .*train.bin: 1 records, expected 50,000"):
+        download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    assert_nothing_extracted(root100)
+
+
+def test_cifar100_data_dir_holding_other_files_is_refused_before_any_request(server, root100):
+    checksum = server.serve(make_archive(cifar100_members(full_size=False)), ARCHIVE100)
+    os.makedirs(root100)
+    for name in ("notes.txt", "train.bin"):
+        with open(os.path.join(root100, name), "w") as f:
+            f.write("mine")
+    with pytest.raises(DataError) as e:
+        download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    assert str(e.value) == (f"{root100}: incomplete CIFAR-100 folder that also holds notes.txt; "
+                            "--download replaces this folder, so point --data-dir at a "
+                            "cifar-100-binary folder or a new one")
+    assert server.requests == []
+    assert sorted(os.listdir(root100)) == ["notes.txt", "train.bin"]
+
+
+def test_incomplete_cifar100_folder_is_replaced_by_the_download(server, root100, good_archive100):
+    os.makedirs(root100)
+    with open(os.path.join(root100, "train.bin"), "w") as f:  # an interrupted copy
+        f.write("old")
+    checksum = server.serve(good_archive100, ARCHIVE100)
+    download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
+    assert sorted(os.listdir(root100)) == sorted(FILES100)
+    assert bool((load_split(root100, "train", dataset="cifar100")[0] == 1).all())
