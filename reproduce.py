@@ -20,6 +20,7 @@ import ctypes
 import io
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,7 +315,7 @@ class Overview:
             return
         lines = overview_lines(runs)
         if self.tty:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
+            columns = shutil.get_terminal_size().columns  # 80 where the terminal says 0
             lines = [line[:columns - 1] for line in lines]  # a wrapped line breaks the redraw
             if self.drawn:
                 self.stream.write(f"\x1b[{self.drawn}F\x1b[J")  # up to the last drawing, clear
