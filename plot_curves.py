@@ -4,8 +4,10 @@ Recognition" (Section 4.2, CIFAR-10), drawn from the run folders of `run.py`.
     python plot_curves.py                  # logs/ -> out/figure6, figure7 (.png, .pdf), table6.md
     python plot_curves.py --markdown-only  # only Table 6, without rendering
 
-Figure 6: training curves of plain nets, ResNets, and ResNet-110 vs ResNet-1202 (event files).
-Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json).
+Figure 6: training curves of plain nets, ResNets, and ResNet-110 vs ResNet-1202 (event files),
+a row of panels per schedule; the paper's schedule in the paper's layout, with its final errors.
+Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json), a column of
+panels per schedule.
 Table 6: our test errors next to the paper's (result.json). Runs are grouped by configuration
 (config.json: everything but the seed), never by folder name; unfinished runs are reported apart.
 """
@@ -36,7 +38,11 @@ DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
 CURVES = {"train/error", "test/error"}
-PANELS = ("plain nets", "ResNets", "ResNet-110 vs ResNet-1202")  # Figure 6, left to right
+# Figure 6's panels, left to right, and the nets the paper draws in each, as (plain, depth).
+PANELS = {"plain nets": [(True, 20), (True, 32), (True, 44), (True, 56)],
+          "ResNets": [(False, 20), (False, 32), (False, 44), (False, 56), (False, 110)],
+          "ResNet-110 vs ResNet-1202": [(False, 110), (False, 1202)]}
+PAPER_ERROR_AXIS_TOP = 20  # Figure 6's error axis in the paper: 0-20%
 FIGURE7_NETS = {(True, 20), (True, 56), (False, 20), (False, 56), (False, 110)}  # (plain, depth)
 
 
@@ -283,11 +289,58 @@ def colours(configs):
     return out
 
 
-def figure6(runs, ylim=(0, 20)):
+def figure6(runs, ylim=None):
     """Figure 6 (a matplotlib Figure; None when no run has curves): panels of plain nets,
     ResNets, and ResNet-110 vs 1202, as in the paper; one row of panels per schedule, so that
-    runs of different lengths never share an axis."""
-    rows = {}  # schedule -> panel title -> [(run, seeds)]
+    runs of different lengths never share an axis. The paper's schedule comes first, with all
+    three panels, its error axis (0-20%) and its final test errors marked; a panel there names
+    the command that trains the nets it lacks. Rows of other schedules show their error axis
+    over `ylim`, else from 0 to above their final errors."""
+    rows = panels_by_schedule(runs)
+    if not rows:
+        return None
+    from matplotlib.figure import Figure  # lazily: --markdown-only renders nothing
+    columns = [title for title in PANELS if any(title in panels for panels in rows.values())]
+    fig = Figure(figsize=(5.5 * len(columns), 4.6 * len(rows)), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.15)  # room for the paper's marks right of a panel
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for row_axes, ((iters, milestones), panels) in zip(axes, rows.items()):
+        paper_row = (iters, milestones) == PAPER_SCHEDULE
+        drawn_runs = [run for drawn in panels.values() for run, _ in drawn]
+        if paper_row or ylim is None:
+            row_ylim = (0, error_axis_top(drawn_runs, PAPER_ERROR_AXIS_TOP if paper_row else 10))
+        else:
+            row_ylim = ylim
+        for ax, title in zip(row_axes, columns):  # a panel keeps its column in every row
+            if title not in panels:
+                ax.remove()
+                continue
+            heading = title
+            if len(rows) > 1:
+                heading += "\nthe paper's schedule" if paper_row else \
+                    f"\n{schedule(dict(iters=iters, milestones=milestones))}"
+            draw_curves(ax, heading, panels[title], row_ylim, iters,
+                        with_schedule=len(rows) == 1, paper_marks=paper_row)
+            if paper_row:
+                note_missing_nets(ax, PANELS[title], panels[title],
+                                  drawn_runs[0].config if drawn_runs else None)
+    fig.suptitle("Figure 6: training on CIFAR-10 (He et al. 2015, Sec. 4.2)")
+    caption = ("Dashed: training error (running average over the logging window); bold: test "
+               "error. Several seeds: the run with the median final test error is drawn.")
+    if PAPER_SCHEDULE in rows:
+        caption += (" Bars right of a panel: the paper's final test error (Table 6; "
+                    "ResNet-110: the best of 5 runs, whose mean is 6.61%); it gives none for "
+                    "the plain nets.")
+    fig.supxlabel(textwrap.fill(caption, width=int(95 * len(columns) ** 0.8)), fontsize="small")
+    return fig
+
+
+def panels_by_schedule(runs):
+    """schedule -> panel title -> [(run, seeds)]: the median seed of each configuration with
+    curves, in group()'s order (the paper's schedule first). The paper's schedule keeps all
+    three panels, empty or not; other schedules only those with runs, and ResNet-110 vs
+    ResNet-1202 only with a ResNet-1202 (without it, it would only repeat ResNet-110)."""
+    rows = {}
     for runs_of_config in group([r for r in runs if CURVES & r.scalars.keys()]):
         run, count = median_run(runs_of_config, lambda r: r.test_error()[0])
         panels = rows.setdefault(schedule_key(run.config), {title: [] for title in PANELS})
@@ -298,41 +351,31 @@ def figure6(runs, ylim=(0, 20)):
                 panels["ResNets"].append((run, count))
             if run.depth in (110, 1202):
                 panels["ResNet-110 vs ResNet-1202"].append((run, count))
-    for panels in rows.values():
-        if not any(run.depth == 1202 for run, _ in panels["ResNet-110 vs ResNet-1202"]):
-            panels["ResNet-110 vs ResNet-1202"] = []  # without 1202 it only repeats ResNet-110
+    for key, panels in rows.items():
+        if key != PAPER_SCHEDULE:
+            if not any(run.depth == 1202 for run, _ in panels["ResNet-110 vs ResNet-1202"]):
+                panels["ResNet-110 vs ResNet-1202"] = []
+            rows[key] = {title: drawn for title, drawn in panels.items() if drawn}
     for title in PANELS:
-        if not any(panels[title] for panels in rows.values()):
+        if not any(title in panels for panels in rows.values()):
             needs = "ResNet-1202 run" if "1202" in title else "run"
             print(f"figure 6: panel '{title}' left out: no {needs} with training curves")
-    rows = {key: {title: drawn for title, drawn in panels.items() if drawn}  # group()'s order
-            for key, panels in rows.items()}
-    if not rows:
-        return None
-    from matplotlib.figure import Figure  # lazily: --markdown-only renders nothing
-    columns = [title for title in PANELS if any(title in panels for panels in rows.values())]
-    fig = Figure(figsize=(5.5 * len(columns), 4.6 * len(rows)), layout="constrained")
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
-    for row_axes, panels in zip(axes, rows.values()):
-        for ax, title in zip(row_axes, columns):  # a panel keeps its column in every row
-            if title not in panels:
-                ax.remove()
-                continue
-            drawn = panels[title]
-            config = drawn[0][0].config
-            if len(rows) > 1:
-                title += f"\n{schedule(config)}" if schedule_key(config) != PAPER_SCHEDULE \
-                    else "\nthe paper's schedule"
-            draw_curves(ax, title, drawn, ylim, with_schedule=len(rows) == 1)
-    fig.suptitle("Figure 6: training on CIFAR-10 (He et al. 2015, Sec. 4.2)")
-    caption = ("Dashed: training error (running average over the logging window); bold: test "
-               "error. Several seeds: the run with the median final test error is drawn.")
-    fig.supxlabel(textwrap.fill(caption, width=int(95 * len(columns) ** 0.8)), fontsize="small")
-    return fig
+    return rows
 
 
-def draw_curves(ax, title, drawn, ylim, with_schedule):
-    """One panel of Figure 6: each run's test error (bold) and training error (dashed)."""
+def error_axis_top(runs, lowest):
+    """The top of a row's error axis (%): `lowest`, or the next 10 above the highest error a
+    finished run's curves end at (any run's, while none has finished), so that no final error
+    is off the chart."""
+    def ends(pool):
+        return [run.scalars[tag][1][-1] for run in pool for tag in CURVES & run.scalars.keys()]
+    highest = max(ends([run for run in runs if run.finished]) or ends(runs) or [0])
+    return max(lowest, 10 * math.ceil((highest + 2) / 10))
+
+
+def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks):
+    """One panel of Figure 6: each run's test error (bold) and training error (dashed), and
+    with `paper_marks` the paper's final test error as a bar on the right edge."""
     for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
         legend = label(run.config, f"median of {count}" if count > 1 else "",
                        "" if run.finished else f"unfinished: {run.iterations:,} iters",
@@ -342,46 +385,91 @@ def draw_curves(ax, title, drawn, ylim, with_schedule):
                 steps, values = run.scalars[tag]
                 ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)
                 legend = None
-    last = max(run.scalars[t][0][-1] for run, _ in drawn for t in CURVES & run.scalars.keys())
-    ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, last / 1e4),
+        if paper_marks and comparable_with_paper(run.config) and run.depth in PAPER_ERROR:
+            # a short bar just right of the panel: the paper's errors lie a few tenths apart
+            ax.hlines(PAPER_ERROR[run.depth][0], 1.0, 1.03, transform=ax.get_yaxis_transform(),
+                      colors=colour, linewidths=2.5, clip_on=False)
+    ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, iters / 1e4),
            ylim=ylim)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    if drawn:
+        ax.legend(loc="upper right", fontsize="small")
+
+
+def note_missing_nets(ax, nets, drawn, config):
+    """In a panel of the paper's schedule: which of the paper's `nets` [(plain, depth)] it
+    lacks, and the reproduce.py command that trains them (like `config`'s run, if any)."""
+    present = {(run.config["plain"], run.depth) for run, _ in drawn}
+    missing = [net for net in nets if net not in present]
+    if not missing:
+        return
+    command = "python reproduce.py --only " + " ".join(
+        f"{'plain' if plain else 'resnet'}{depth}" for plain, depth in missing)
+    if config is not None and config["amp"] != "none":
+        command += f" --amp {config['amp']}"
+    if drawn:  # bottom left: no training error is that low before the first lr drop
+        names = ", ".join(f"{'plain' if plain else 'ResNet'}-{depth}" for plain, depth in missing)
+        note = textwrap.fill(f"not run yet: {names}:", 44) + "\n" + textwrap.fill(command, 44)
+        ax.text(0.02, 0.02, note, transform=ax.transAxes, fontsize="x-small", color="dimgray")
+    else:
+        ax.text(0.5, 0.5, "no run yet:\n" + textwrap.fill(command, 40), transform=ax.transAxes,
+                ha="center", va="center", color="dimgray")
 
 
 def figure7(runs):
     """Figure 7 (a matplotlib Figure; None without test.json): std of each 3x3 layer's response,
-    in network order (top) and sorted by magnitude (bottom)."""
-    drawn, other_nets = [], []
+    in network order (top) and sorted by magnitude (bottom), on a log axis so that close
+    values stay apart; one column per schedule, so that nets trained for different lengths
+    never share a panel."""
+    columns, other_nets = {}, []  # schedule -> [(run, seeds)]
     for runs_of_config in group([r for r in runs if r.test is not None]):
         run, count = median_run(runs_of_config, lambda r: r.test["test_error"])
         if (run.config["plain"], run.depth) not in FIGURE7_NETS:
             other_nets.append(label(run.config))
         else:
-            drawn.append((run, count))
+            columns.setdefault(schedule_key(run.config), []).append((run, count))
     if other_nets:
         print("figure 7 shows the paper's plain-20/56 and ResNet-20/56/110; left out: "
-             + ", ".join(other_nets))
-    if not drawn:
+              + ", ".join(other_nets))
+    if not columns:
         print("figure 7 left out: no test.json with layer responses (run `run.py N test`)")
         return None
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 6.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1)
-    for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
-        legend = label(run.config, f"median of {count}" if count > 1 else "")
-        responses = run.test["layer_responses"]
-        style = dict(color=colour, lw=1.6, ls="--" if run.config["plain"] else "-", label=legend)
-        top.plot(range(1, len(responses) + 1), responses, **style)
-        bottom.plot(range(1, len(responses) + 1), sorted(responses, reverse=True), **style)
-    top.set(xlabel="layer index (original)", ylabel="std")
-    bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize="small")
+    fig = Figure(figsize=(1 + 7 * len(columns), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(columns), squeeze=False)
+    for (top, bottom), drawn in zip(axes.T, columns.values()):
+        config = drawn[0][0].config
+        for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
+            legend = label(run.config, f"median of {count}" if count > 1 else "",
+                           with_schedule=len(columns) == 1)
+            responses = run.test["layer_responses"]
+            style = dict(color=colour, lw=1.6, ls="--" if run.config["plain"] else "-",
+                         label=legend)
+            top.plot(range(1, len(responses) + 1), responses, **style)
+            bottom.plot(range(1, len(responses) + 1), sorted(responses, reverse=True), **style)
+        if len(columns) > 1:
+            top.set_title("the paper's schedule" if schedule_key(config) == PAPER_SCHEDULE
+                          else schedule(config))
+        top.set(xlabel="layer index (original)", ylabel="std")
+        bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+        for ax in (top, bottom):
+            log_axis(ax)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper right", fontsize="small")
     fig.suptitle("Figure 7: std of layer responses on CIFAR-10 (3x3 layers, after BN, before "
-                 "ReLU/addition)")
+                 "ReLU/addition; log scale)")
     return fig
+
+
+def log_axis(ax):
+    """A log y axis labelled 0.5, 0.7, 1, 2, 3... rather than in powers of ten, and whole layer
+    numbers on the x axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 3, 5, 7)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 # ---------------------------------------------------------------- command line
@@ -391,13 +479,15 @@ def parse_args(argv=None):
                                             "(Sec. 4.2) from run.py's run folders.")
     p.add_argument("--logdir", default="logs", help="folder of run folders (default: %(default)s)")
     p.add_argument("--out", default="out", help="folder for the outputs (default: %(default)s)")
-    p.add_argument("--ylim", type=float, nargs=2, default=(0.0, 20.0), metavar=("LO", "HI"),
-                   help="figure 6 error axis in %% (default: the paper's 0 20)")
+    p.add_argument("--ylim", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="figure 6's error axis in %% for schedules other than the paper's "
+                        "(default: from 0 to above their final errors); the paper's schedule "
+                        "keeps the paper's 0 20, raised only if a run ends above it")
     p.add_argument("--markdown-only", action="store_true",
                    help="write only table6.md, without matplotlib (for scripts)")
     args = p.parse_args(argv)
-    if not (math.isfinite(args.ylim[0]) and math.isfinite(args.ylim[1])
-            and args.ylim[0] < args.ylim[1]):
+    if args.ylim and not (math.isfinite(args.ylim[0]) and math.isfinite(args.ylim[1])
+                          and args.ylim[0] < args.ylim[1]):
         p.error("--ylim: expected two finite numbers LO < HI, got %g %g" % tuple(args.ylim))
     return args
 

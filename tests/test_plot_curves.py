@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from matplotlib.colors import to_rgba
 from tensorboardX import SummaryWriter
 
 import plot_curves
@@ -185,8 +186,9 @@ def test_figure6_has_the_papers_three_panels_with_a_line_pair_per_depth(tmp_path
 
 
 def test_figure6_leaves_out_panels_without_runs_with_a_note(tmp_path, capsys):
-    make_run(str(tmp_path), "resnet20")
-    make_run(str(tmp_path), "resnet110", n=18)  # no 1202: the third panel would only repeat it
+    # A schedule other than the paper's: its row has only the panels with runs.
+    make_run(str(tmp_path), "resnet20", iters=6400)
+    make_run(str(tmp_path), "resnet110", n=18, iters=6400)  # no 1202: the panel would repeat it
     fig = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)), ylim=(0, 50))
     assert [ax.get_title() for ax in fig.axes] == ["ResNets"]
     assert fig.axes[0].get_ylim() == (0, 50)
@@ -195,10 +197,63 @@ def test_figure6_leaves_out_panels_without_runs_with_a_note(tmp_path, capsys):
     assert "panel 'ResNet-110 vs ResNet-1202' left out: no ResNet-1202 run" in out
 
 
+def panel_texts(ax):
+    return [text.get_text() for text in ax.texts]
+
+
+def test_figure6_papers_schedule_keeps_its_panels_and_names_the_commands_for_missing_nets(
+        tmp_path):
+    make_run(str(tmp_path), "resnet20-bf16", amp="bf16")
+    make_run(str(tmp_path), "resnet110-bf16", n=18, amp="bf16")
+    plain, resnets, deep = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)),
+                                               ylim=(0, 50)).axes
+    assert [ax.get_title() for ax in (plain, resnets, deep)] == [
+        "plain nets", "ResNets", "ResNet-110 vs ResNet-1202"]
+    assert plain.get_legend() is None and not plain.lines
+    (text,) = panel_texts(plain)
+    assert text.startswith("no run yet:\n") and " ".join(text.split()[3:]) == \
+        "python reproduce.py --only plain20 plain32 plain44 plain56 --amp bf16"
+    (text,) = panel_texts(resnets)
+    assert " ".join(text.split()) == ("not run yet: ResNet-32, ResNet-44, ResNet-56: python "
+                                      "reproduce.py --only resnet32 resnet44 resnet56 --amp bf16")
+    assert [t.get_text() for t in deep.get_legend().get_texts()] == ["ResNet-110 (bf16)"]
+    assert "--only resnet1202 --amp bf16" in " ".join(panel_texts(deep)[0].split())
+    assert all(ax.get_ylim() == (0, 20) and ax.get_xlim() == (0, 6.4)  # the paper's axes
+               for ax in (plain, resnets, deep))
+
+
+def test_figure6_marks_the_papers_final_error_beside_its_recipes_resnets(tmp_path):
+    make_run(str(tmp_path), "resnet56", n=9, final=7.5)
+    make_run(str(tmp_path), "resnet56-B", n=9, shortcut="B", final=7.2)  # not in Table 6
+    make_run(str(tmp_path), "plain56", n=9, plain=True, final=12.0)  # no figure in the paper
+    plain, resnets, _ = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
+    assert not plain.collections
+    (marks,) = resnets.collections
+    assert marks.get_segments()[0].tolist() == [[1.0, 6.97], [1.03, 6.97]]  # right of the panel
+    assert resnets.lines[0].get_ydata()[-1] == 7.5  # ResNet-56 option A, drawn first
+    assert tuple(marks.get_color()[0]) == to_rgba(resnets.lines[0].get_color())
+
+
+def test_figure6_chooses_the_error_axis_per_row(tmp_path):
+    make_run(str(tmp_path), "resnet20", final=8.0)
+    make_run(str(tmp_path), "resnet56", n=9, final=7.0, stop_at=32_000)
+    make_run(str(tmp_path), "plain20-iters6400", plain=True, iters=6400, final=15.0)
+    make_run(str(tmp_path), "plain56-iters6400", n=9, plain=True, iters=6400, final=52.0)
+    runs = plot_curves.find_runs(str(tmp_path))
+    full, short = plot_curves.figure6(runs).axes[1], plot_curves.figure6(runs).axes[3]
+    assert full.get_ylim() == (0, 20)  # the paper's, though an unfinished run is above it
+    assert short.get_ylim() == (0, 60)  # above plain-56's final errors, 50 (train) and 52
+    short = plot_curves.figure6(runs, ylim=(0, 40)).axes[3]
+    assert short.get_ylim() == (0, 40)
+    make_run(str(tmp_path), "plain56", n=9, plain=True, final=25.0)  # ends above 20%
+    full = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes[0]
+    assert full.get_ylim() == (0, 30)
+
+
 def test_figure6_draws_the_median_seed(tmp_path):
     for seed, error in enumerate([9.0, 7.0, 8.0]):
         make_run(str(tmp_path), f"resnet20-seed{seed}", seed=seed, final=error)
-    (ax,) = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
+    _, ax, _ = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
     assert len(ax.lines) == 2
     assert ax.lines[0].get_ydata()[-1] == 8.0
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ResNet-20 (median of 3)"]
@@ -221,7 +276,7 @@ def test_figure6_draws_one_row_of_panels_per_schedule(tmp_path):
     make_run(str(tmp_path), "resnet20-iters6400", iters=6400)
     make_run(str(tmp_path), "resnet56-iters6400", n=9, iters=6400)
     fig = plot_curves.figure6(plot_curves.find_runs(str(tmp_path)))
-    full, short_plain, short_resnets = fig.axes  # the full row has no plain-net panel
+    _, full, _, short_plain, short_resnets = fig.axes  # the full row keeps all three panels
     assert full.get_title() == "ResNets\nthe paper's schedule"
     assert full.get_xlim() == (0, 6.4)
     assert [t.get_text() for t in full.get_legend().get_texts()] == [
@@ -250,6 +305,21 @@ def test_figure7_draws_network_order_on_top_and_sorted_below(tmp_path, capsys):
     assert top.lines[1].get_linestyle() == "--"  # plain nets dashed, in their depth's colour
     assert top.lines[1].get_color() == top.lines[0].get_color()
     assert bottom.get_xlabel() == "layer index (sorted by magnitude)"
+
+
+def test_figure7_has_a_column_per_schedule_on_log_axes(tmp_path):
+    make_run(str(tmp_path), "resnet20", responses=[0.8] * 19, events=False)
+    make_run(str(tmp_path), "resnet20-iters6400", iters=6400, responses=[0.9] * 19, events=False)
+    make_run(str(tmp_path), "plain56-iters6400", n=9, plain=True, iters=6400,
+             responses=[9.0] + [0.8] * 54, events=False)
+    full, short, full_sorted, short_sorted = plot_curves.figure7(
+        plot_curves.find_runs(str(tmp_path))).axes
+    assert full.get_title() == "the paper's schedule"
+    assert short.get_title() == "6,400 iters, lr/10 at 3,200/4,800"
+    assert [t.get_text() for t in full.get_legend().get_texts()] == ["ResNet-20"]
+    assert [t.get_text() for t in short.get_legend().get_texts()] == ["ResNet-20", "plain-56"]
+    assert all(ax.get_yscale() == "log" for ax in (full, short, full_sorted, short_sorted))
+    assert list(short_sorted.lines[1].get_ydata()) == [9.0] + [0.8] * 54
 
 
 # ---------------------------------------------------------------- command line

@@ -1,0 +1,363 @@
+"""Section 4.2 of He et al. 2015, "Deep Residual Learning for Image Recognition", at the paper's
+scale: every CIFAR-10 net of Table 6 and Figure 6 trained by run.py, then Table 6 and Figures 6
+and 7 made from the runs by plot_curves.py.
+
+    python reproduce.py                            # the whole matrix, one run at a time
+    python reproduce.py --jobs 2 --amp bf16        # two at a time, the CPU cores split between them
+    python reproduce.py --only resnet56 plain56    # some of it
+    python reproduce.py --seeds 5 --only resnet110 # seeds 0-4 (the paper's ResNet-110 row)
+    python reproduce.py --print                    # the commands, for another scheduler
+    python reproduce.py --iters 6400 -- --eval-every 200   # flags after -- go to every run.py
+
+Each run is the command a user would type, `python run.py 9 train --plain`, then the matching
+`run.py 9 test --plain` for Figure 7's layer responses, with their output in <logdir>/<name>.log
+and the run in run.py's usual folder <logdir>/<name>/. Rerunning skips the finished runs and
+resumes the interrupted ones from their checkpoints.
+"""
+import argparse
+import contextlib
+import ctypes
+import io
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import plot_curves
+import run as run_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN_PY = os.path.join(HERE, "run.py")
+# Figure 6's and Table 6's nets, name: (N, plain), in the order they run: those the paper's
+# central claims rest on first (ResNet-56 against plain-56 and plain-20), ResNet-1202 last.
+MATRIX = {"resnet56": (9, False), "plain56": (9, True), "plain20": (3, True),
+          "resnet110": (18, False), "resnet32": (5, False), "resnet44": (7, False),
+          "plain32": (5, True), "plain44": (7, True), "resnet20": (3, False),
+          "resnet1202": (200, False)}
+POLL_SECONDS = 0.2     # how often finished processes are noticed
+REFRESH_SECONDS = 5.0  # how often a terminal's overview is redrawn
+
+
+@dataclass
+class Run:
+    """One run of the matrix: its run.py commands (argument lists) and where they are."""
+    folder: str    # run.py's run folder
+    log: str       # where the commands' output goes
+    iters: int
+    batch_size: int
+    commands: list  # [train, test]
+    todo: list = field(default_factory=list)  # the commands still to run, in order
+    state: str = "waiting"  # waiting, running, done, failed, stopped
+    process: subprocess.Popen = None
+    phase: str = None       # "train" or "test" while running
+    env: dict = None        # the environment of its processes (the GPU it is given)
+    returncode: int = None
+
+    @property
+    def name(self):
+        return os.path.basename(self.folder)
+
+
+# ---------------------------------------------------------------- the commands
+
+def parse_args(argv=None):
+    """reproduce.py's options, and the run.py arguments given after `--`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:split], argv[split + 1:]
+    p = argparse.ArgumentParser(
+        description="Train and evaluate the CIFAR-10 matrix of He et al. 2015 (Sec. 4.2) with "
+                    "run.py, then make Table 6 and Figures 6 and 7. Arguments after -- are "
+                    "passed to every run.py command.")
+    p.add_argument("--only", nargs="+", choices=list(MATRIX), metavar="NAME",
+                   help="these nets only, from: " + " ".join(MATRIX))
+    p.add_argument("--seeds", type=run_py.positive_int, default=1,
+                   help="seeds 0..K-1 of each net (default: %(default)s)")
+    p.add_argument("--jobs", type=run_py.positive_int, default=1,
+                   help="runs at a time; on CPU they split the cores, on G GPUs job slot i "
+                        "uses GPU i mod G (default: %(default)s)")
+    p.add_argument("--print", action="store_true",
+                   help="print the commands, one run a line, and run nothing")
+    p.add_argument("--out", default="out", help="folder for Table 6 and the figures "
+                                                "(default: %(default)s)")
+    to_run = p.add_argument_group("passed to run.py (its defaults when not given)")
+    to_run.add_argument("--iters", type=run_py.positive_int)
+    to_run.add_argument("--amp", choices=("none", "bf16"))
+    to_run.add_argument("--compile", action="store_true")
+    to_run.add_argument("--logdir", help="folder of the run folders (run.py's default: logs)")
+    to_run.add_argument("--data-dir", help="run.py's default: $CIFAR10_DIR, else "
+                                           "data/cifar-10-batches-bin")
+    to_run.add_argument("--download", action="store_true")
+    return p.parse_args(argv), extra
+
+
+def selected_nets(options):
+    """The names of the nets to train, in the matrix's order."""
+    return [name for name in MATRIX if name in (options.only or MATRIX)]
+
+
+def training_commands(options, extra, threads):
+    """run.py's argument list for each run, in the order they run: seed by seed, the matrix."""
+    flags = []
+    for flag in ("iters", "amp", "logdir", "data_dir"):
+        if getattr(options, flag) is not None:
+            flags += [f"--{flag.replace('_', '-')}", str(getattr(options, flag))]
+    flags += ["--compile"] * options.compile + ["--download"] * options.download
+    flags += ["--threads", str(threads)] if threads else []
+    commands = []
+    for seed in range(options.seeds):
+        for name in selected_nets(options):
+            n, plain = MATRIX[name]
+            commands.append([str(n), "train", *["--plain"] * plain, *flags,
+                             *(["--seed", str(seed)] if seed else []), *extra])
+    return commands
+
+
+def plan(options, extra, threads=None):
+    """The runs, each as run.py names its folder (the same parser, so the two never disagree)."""
+    runs = []
+    for train in training_commands(options, extra, threads):
+        args = run_py.parse_args(train)
+        folder = os.path.join(args.logdir, args.name)
+        test = [train[0], "test", *train[2:]]
+        runs.append(Run(folder, f"{folder}.log", args.iters, args.batch_size, [train, test]))
+    return runs
+
+
+def shell_line(command, env=None):
+    """A run.py command as a user types it (from the current folder)."""
+    gpu = env.get("CUDA_VISIBLE_DEVICES") if env else None
+    prefix = [f"CUDA_VISIBLE_DEVICES={gpu}"] if gpu is not None else []
+    return " ".join(prefix + [shlex.join(["python", os.path.relpath(RUN_PY), *command])])
+
+
+def given(extra, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in extra)
+
+
+def placement(jobs, runs_count, extra):
+    """(threads for each run, the GPUs to spread the jobs over). On CPU the jobs split the
+    cores (no flag for one job: run.py takes them all); on GPUs each job gets one through
+    CUDA_VISIBLE_DEVICES, so the command stays the one a user types."""
+    if given(extra, "--device") or given(extra, "--threads"):
+        return None, []
+    if torch.cuda.is_available():
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = listed.split(",") if listed else range(torch.cuda.device_count())
+        return None, [str(g).strip() for g in gpus][:torch.cuda.device_count()]
+    jobs = min(jobs, runs_count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (max(1, (cores or 1) // jobs) if jobs > 1 else None), []
+
+
+# ---------------------------------------------------------------- running them
+
+def settle_finished(run):
+    """What is left to do for a run: training unless result.json is there, then the test
+    unless test.json is there. A run with both is done and is not started."""
+    done = {"train": "result.json", "test": "test.json"}
+    run.todo = [c for c in run.commands
+                if not os.path.exists(os.path.join(run.folder, done[c[1]]))]
+    run.state = "waiting" if run.todo else "done"
+
+
+def die_with_parent():
+    """In the child: get SIGTERM if reproduce.py dies (even by SIGKILL), so that the run
+    checkpoints and stops instead of training on, orphaned, with its folder locked."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_next(run):
+    """Start the run's next command, its output appended to the run's log."""
+    command = run.todo.pop(0)
+    os.makedirs(os.path.dirname(run.log) or ".", exist_ok=True)
+    with open(run.log, "a") as log:
+        log.write(f"$ {shell_line(command, run.env)}\n")
+        log.flush()
+        run.process = subprocess.Popen([sys.executable, RUN_PY, *command], stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=run.env, preexec_fn=die_with_parent)
+    run.state, run.phase = "running", command[1]
+
+
+def advance(run, stopping):
+    """Notice a run's process that ended: start its next command, or settle its state."""
+    code = run.process.poll()
+    if code is None:
+        return
+    run.process, run.returncode = None, code
+    if code != 0:
+        run.state = "stopped" if stopping else "failed"
+    elif run.todo and not stopping:
+        start_next(run)
+    else:
+        run.state = "done" if not run.todo else "stopped"
+
+
+@contextlib.contextmanager
+def forwarding_signals(runs, received):
+    """SIGINT and SIGTERM go on to the running run.py processes (which checkpoint and exit);
+    no run starts after one."""
+    def forward(signum, frame):
+        received.append(signum)
+        for run in runs:
+            if run.process is not None and run.process.returncode is None:
+                run.process.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_all(runs, jobs, gpus, overview):
+    """Run the runs' commands, `jobs` runs at a time, until all have ended or a signal came.
+    Returns the signals received."""
+    slots, received = [None] * jobs, []  # slot -> the run in it
+    with forwarding_signals(runs, received):
+        while True:
+            for run in runs:
+                if run.process is not None:
+                    advance(run, stopping=bool(received))
+            slots = [r if r is not None and r.state == "running" else None for r in slots]
+            waiting = [r for r in runs if r.state == "waiting"]
+            for slot in [i for i, r in enumerate(slots) if r is None][:len(waiting)]:
+                if received:
+                    break
+                run = slots[slot] = waiting.pop(0)
+                if gpus:
+                    run.env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
+                start_next(run)
+                if received:  # came while it started, too late to be forwarded to it
+                    run.process.send_signal(received[-1])
+            overview.update(runs)
+            if not any(r.state == "running" for r in runs) and (received or not waiting):
+                return received
+            time.sleep(POLL_SECONDS)
+
+
+# ---------------------------------------------------------------- the overview
+
+def progress(run):
+    """(iteration, images per second) of a training run, from its event files (which run.py
+    flushes every 30 s); (0, None) before the first."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # a live file may end mid-record
+            scalars = plot_curves.load_scalars(run.folder)
+    except OSError:
+        return 0, None
+    steps, speeds = scalars.get("speed/images_per_second", ([], []))
+    return (steps[-1], speeds[-1]) if steps else (0, None)
+
+
+def last_line(path):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def duration(seconds):
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+def describe(run):
+    """What the overview says of a run after its name and state."""
+    if run.state == "done":
+        result = plot_curves.read_json(os.path.join(run.folder, "result.json"), ("test_error",))
+        return f"test error {result['test_error']:.2f}%" if result else ""
+    if run.state in ("failed", "stopped"):
+        return f"exit {run.returncode}: {last_line(run.log)}"
+    if run.state == "running" and run.phase == "test":
+        return "test: layer responses (Figure 7)"
+    if run.state == "running":
+        iteration, speed = progress(run)
+        line = f"{iteration:,}/{run.iters:,} iters"
+        if speed:
+            left = (run.iters - iteration) * run.batch_size / speed
+            line += f"  {speed:,.0f} img/s  {duration(left)} left"
+        return line + (f"  (GPU {run.env['CUDA_VISIBLE_DEVICES']})" if run.env else "")
+    return ""
+
+
+def overview_lines(runs):
+    counts = {s: sum(r.state == s for r in runs)
+              for s in ("done", "running", "waiting", "failed", "stopped")}
+    width = max(len(r.name) for r in runs)
+    head = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+    return [f"{time.strftime('%H:%M:%S')}  {head}"] + [
+        f"  {r.name:<{width}}  {r.state:<8} {describe(r)}".rstrip() for r in runs]
+
+
+class Overview:
+    """The runs at a glance: on a terminal, redrawn in place every few seconds; elsewhere
+    (a log file), printed again only when a run changes state, so that the log stays short."""
+
+    def __init__(self, stream):
+        self.stream, self.tty = stream, stream.isatty()
+        self.drawn, self.states, self.drawn_at = 0, None, 0.0
+
+    def update(self, runs):
+        states = [r.state for r in runs]
+        due = self.tty and time.monotonic() - self.drawn_at >= REFRESH_SECONDS
+        if not (due or states != self.states):
+            return
+        lines = overview_lines(runs)
+        if self.tty:
+            columns = shutil.get_terminal_size().columns  # 80 where the terminal says 0
+            lines = [line[:columns - 1] for line in lines]  # a wrapped line breaks the redraw
+            if self.drawn:
+                self.stream.write(f"\x1b[{self.drawn}F\x1b[J")  # up to the last drawing, clear
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
+        self.drawn, self.states, self.drawn_at = len(lines), states, time.monotonic()
+
+
+# ---------------------------------------------------------------- main
+
+def report(runs, received):
+    """The exit code, after naming each run that failed or was stopped, with its log's last
+    line."""
+    for run in runs:
+        if run.state in ("failed", "stopped"):
+            print(f"{run.name} {run.state} (exit {run.returncode}); {run.log} ends with: "
+                  f"{last_line(run.log)}", file=sys.stderr)
+    if received:
+        print(f"stopped by signal {received[0]}: rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + received[0]
+    return 1 if any(r.state != "done" for r in runs) else 0
+
+
+def main(argv=None):
+    options, extra = parse_args(argv)
+    count = options.seeds * len(selected_nets(options))
+    threads, gpus = placement(options.jobs, count, extra)
+    runs = plan(options, extra, threads)
+    if options.print:
+        for run in runs:
+            print(" && ".join(shell_line(command) for command in run.commands))
+        return 0
+    for run in runs:
+        settle_finished(run)
+    received = run_all(runs, options.jobs, gpus, Overview(sys.stdout))
+    plot_code = 0
+    if not received:  # Table 6 and the figures, from whatever has finished
+        logdir = os.path.dirname(runs[0].folder) or "."
+        plot_code = plot_curves.main(["--logdir", logdir, "--out", options.out])
+    return report(runs, received) or plot_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""reproduce.py: the Section 4.2 matrix run by run.py, on synthetic data with tiny schedules."""
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import reproduce
+import run
+from conftest import ROOT
+
+# run.py flags that keep a run short: one evaluation (the final one), frequent checkpoints.
+FAST = ["--", "--log-every", "2", "--eval-every", "1000", "--ckpt-every", "2"]
+
+
+def argv(data, tmp_path, *options):
+    return [*options, "--logdir", str(tmp_path / "logs"), "--data-dir", data,
+            "--out", str(tmp_path / "out"), *FAST]
+
+
+def call(argv):
+    """reproduce.main in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = reproduce.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def start(argv, output):
+    """reproduce.py in a subprocess of its own process group, as a user starts it."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "reproduce.py"), *argv],
+                            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def commands_in(log_text):
+    """The commands a log says were run, in order."""
+    return [line[2:] for line in log_text.splitlines() if line.startswith("$ ")]
+
+
+def wait_for(path, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def overview_row(out, name):
+    """The cells of the last overview line about run folder `name`."""
+    return [line.split(maxsplit=2) for line in out.splitlines()
+            if line.startswith(f"  {name} ")][-1]
+
+
+def checkpoint_iteration(folder):
+    return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)["iteration"]
+
+
+@pytest.fixture(scope="module")
+def matrix(synthetic_cifar, tmp_path_factory):
+    """Three runs, two at a time: plain20 and resnet20 train, resnet32 fails (a damaged
+    checkpoint in its folder). reproduce.py is killed (SIGKILL, with its runs) once plain20 has
+    a checkpoint, then run again to the end, then once more."""
+    tmp_path = tmp_path_factory.mktemp("reproduce")
+    args = argv(synthetic_cifar, tmp_path, "--only", "resnet20", "plain20", "resnet32",
+                "--jobs", "2", "--iters", "12")
+    logs = tmp_path / "logs"
+    os.makedirs(logs / "resnet32-iters12")
+    (logs / "resnet32-iters12" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with open(tmp_path / "killed.out", "w") as output:
+        process = start(args, output)
+        wait_for(logs / "plain20-iters12" / "checkpoint.pt")
+        os.killpg(process.pid, signal.SIGKILL)  # reproduce.py and its run.py processes
+        process.wait()
+    killed_at = checkpoint_iteration(logs / "plain20-iters12")
+    first = call(args)
+    snapshot = {name: (logs / name).read_text() for name in os.listdir(logs)
+                if name.endswith(".log")}
+    rerun = call(args)
+    printed = call(args[:-len(FAST)] + ["--print"] + FAST)[1]
+    return SimpleNamespace(killed_at=killed_at, first=first, snapshot=snapshot, rerun=rerun,
+                           printed=printed, logs=logs, out=tmp_path / "out")
+
+
+def test_runs_go_in_parallel_and_finish_with_table_and_figures(matrix):
+    spans = []
+    for name in ("plain20-iters12", "resnet20-iters12"):
+        folder = matrix.logs / name
+        assert checkpoint_iteration(folder) == 12
+        # config.json is written when training starts or resumes, test.json by the test at the end
+        spans.append([os.path.getmtime(folder / f) for f in ("config.json", "test.json")])
+    (a_start, a_end), (b_start, b_end) = spans
+    assert a_start < b_end and b_start < a_end  # the two runs were going on at the same time
+    assert sorted(os.listdir(matrix.out)) == ["figure6.pdf", "figure6.png", "figure7.pdf",
+                                              "figure7.png", "table6.md"]
+    code, out, _ = matrix.first
+    state, message = overview_row(out, "plain20-iters12")[1:]
+    assert state == "done" and message.startswith("test error ")
+    assert "Table 6" in out
+
+
+def test_a_killed_run_resumes_when_reproduce_is_rerun(matrix):
+    assert 0 < matrix.killed_at < 12
+    log = (matrix.logs / "plain20-iters12.log").read_text()
+    assert f"resuming from iteration {matrix.killed_at}" in log
+    assert len(run.read_run_info(str(matrix.logs / "plain20-iters12"))["resumes"]) == 1
+    assert os.path.exists(matrix.logs / "plain20-iters12" / "result.json")
+
+
+def test_a_failing_run_does_not_stop_the_others_and_is_reported(matrix):
+    code, out, err = matrix.first
+    assert code == 1
+    last = "checkpoint.pt: not a readable checkpoint of this project"
+    state, message = overview_row(out, "resnet32-iters12")[1:]
+    assert state == "failed" and message.startswith("exit 1: error: ") and last in message
+    (line,) = [line for line in err.splitlines() if " failed " in line]
+    log = matrix.logs / "resnet32-iters12.log"
+    assert line.startswith(f"resnet32-iters12 failed (exit 1); {log} ends with: error: ")
+    assert last in line
+    assert os.path.exists(matrix.logs / "resnet20-iters12" / "test.json")
+
+
+def test_print_lists_exactly_the_commands_that_were_run(matrix):
+    lines = matrix.printed.splitlines()
+    assert len(lines) == 3  # the matrix's order: plain20, resnet32, resnet20
+    for line, name in zip(lines, ("plain20-iters12", "resnet32-iters12", "resnet20-iters12")):
+        printed, run_commands = line.split(" && "), commands_in(matrix.snapshot[f"{name}.log"])
+        if name == "resnet32-iters12":
+            assert run_commands == printed[:1] * 2  # killed, then failed: never got to its test
+        else:  # killed or not, then resumed
+            assert run_commands[-2:] == printed and set(run_commands) == set(printed)
+    assert lines[0].startswith("python ") and " 3 train --plain --iters 12 " in lines[0]
+
+
+def test_a_rerun_skips_finished_runs_and_retries_the_failed_one(matrix):
+    code, out, err = matrix.rerun
+    assert code == 1 and "resnet32-iters12 failed" in err
+    for name, text in matrix.snapshot.items():
+        now = (matrix.logs / name).read_text()
+        if name.startswith("resnet32"):
+            assert now.startswith(text) and now.count("$ ") == text.count("$ ") + 1
+        else:
+            assert now == text  # not started again
+    assert overview_row(out, "plain20-iters12")[1] == "done"
+
+
+def test_sigterm_reaches_the_runs_which_checkpoint_and_stop(synthetic_cifar, tmp_path):
+    args = argv(synthetic_cifar, tmp_path, "--only", "plain20", "--iters", "400")
+    folder = tmp_path / "logs" / "plain20-iters400"
+    with open(tmp_path / "reproduce.out", "w") as output:
+        process = start(args, output)
+        wait_for(folder / "checkpoint.pt")
+        process.send_signal(signal.SIGTERM)  # to reproduce.py alone
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    log = (tmp_path / "logs" / "plain20-iters400.log").read_text()
+    assert "stopped by a signal at iteration" in log
+    assert 0 < checkpoint_iteration(folder) < 400
+    out = (tmp_path / "reproduce.out").read_text()
+    assert "stopped by signal 15: rerun the same command to resume" in out
+    assert not os.path.exists(tmp_path / "out")  # no figures from a stopped campaign
+
+
+# ---------------------------------------------------------------- the commands
+
+def test_print_lists_the_matrix_in_the_campaigns_order(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert reproduce.main(["--print"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    nets = [line.split(" && ")[0].split()[2:] for line in lines]
+    assert nets == [["9", "train"], ["9", "train", "--plain"], ["3", "train", "--plain"],
+                    ["18", "train"], ["5", "train"], ["7", "train"], ["5", "train", "--plain"],
+                    ["7", "train", "--plain"], ["3", "train"], ["200", "train"]]
+    assert lines[1] == "python run.py 9 train --plain && python run.py 9 test --plain"
+
+
+def test_seeds_after_the_first_add_a_seed_flag_and_a_folder_each():
+    options, extra = reproduce.parse_args(["--only", "resnet110", "--seeds", "3"])
+    runs = reproduce.plan(options, extra)
+    assert [r.name for r in runs] == ["resnet110", "resnet110-seed1", "resnet110-seed2"]
+    assert [r.commands[0] for r in runs] == [["18", "train"], ["18", "train", "--seed", "1"],
+                                             ["18", "train", "--seed", "2"]]
+
+
+def test_bad_only_name_is_a_usage_error_naming_the_valid_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--only", "resnet56", "resnet57"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: argument --only: invalid choice: 'resnet57'" in error
+    assert all(name in error for name in reproduce.MATRIX)
+
+
+def test_jobs_split_the_cpu_cores(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert reproduce.placement(jobs=1, runs_count=10, extra=[]) == (None, [])  # run.py: all
+    assert reproduce.placement(jobs=3, runs_count=10, extra=[]) == (2, [])
+    assert reproduce.placement(jobs=16, runs_count=10, extra=[]) == (1, [])
+    assert reproduce.placement(jobs=4, runs_count=2, extra=[]) == (4, [])  # two jobs at most
+    assert reproduce.placement(jobs=4, runs_count=10, extra=["--threads", "3"]) == (None, [])
+
+
+def test_jobs_take_the_gpus_in_turn(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert reproduce.placement(jobs=3, runs_count=10, extra=[]) == (None, ["0", "1"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert reproduce.placement(jobs=3, runs_count=10, extra=[]) == (None, ["5", "7"])
+    env = {"CUDA_VISIBLE_DEVICES": "7"}
+    assert reproduce.shell_line(["9", "train"], env) == \
+        "CUDA_VISIBLE_DEVICES=7 python run.py 9 train"
+
+
+# ---------------------------------------------------------------- the overview
+
+def test_overview_in_a_log_is_printed_once_per_change_of_state(tmp_path):
+    runs = [reproduce.Run(str(tmp_path / name), str(tmp_path / f"{name}.log"), 64_000, 128, [])
+            for name in ("resnet56", "plain56")]
+    stream = io.StringIO()
+    overview = reproduce.Overview(stream)
+    overview.update(runs)
+    overview.update(runs)
+    runs[0].state, runs[0].phase = "running", "test"
+    overview.update(runs)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 6
+    assert lines[1:3] == ["  resnet56  waiting", "  plain56   waiting"]
+    assert lines[3].endswith("1 running, 1 waiting")
+    assert lines[4] == "  resnet56  running  test: layer responses (Figure 7)"
+
+
+def test_overview_shows_iteration_speed_and_time_left_from_the_event_files(tmp_path):
+    from tensorboardX import SummaryWriter
+    run_ = reproduce.Run(str(tmp_path / "resnet56"), str(tmp_path / "resnet56.log"), 64_000, 128,
+                         [], state="running", phase="train")
+    with SummaryWriter(run_.folder) as writer:
+        writer.add_scalar("speed/images_per_second", 640.0, 100)
+        writer.add_scalar("speed/images_per_second", 512.0, 16_000)
+    assert reproduce.describe(run_) == "16,000/64,000 iters  512 img/s  3h20m left"
