@@ -98,6 +98,7 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=run.positive_int, default=None,
                    help="CPU threads of both pipelines (default: all cores)")
+    p.set_defaults(tf32=False, deterministic=False)  # run.setup_machine's arithmetic
     return p
 
 
@@ -364,21 +365,6 @@ def benchmark(args, data, device):
     return rows
 
 
-def float32_settings():
-    """torch's settings of the internal precision of float32 convs and matmuls, by library."""
-    b = torch.backends
-    return {"cuDNN conv": b.cudnn.conv, "cuBLAS matmul": b.cuda.matmul,
-            "oneDNN conv": b.mkldnn.conv, "oneDNN matmul": b.mkldnn.matmul}
-
-
-def ieee_float32():
-    """Make float32 mean IEEE float32 in every library: on Ampere and newer GPUs, cuDNN
-    convolutions default to TF32 (a 10-bit mantissa). This is torch's API of 2.9 on; once it is
-    used, the legacy getter torch.backends.cudnn.allow_tf32 raises, so nothing here reads it."""
-    for setting in float32_settings().values():
-        setting.fp32_precision = "ieee"
-
-
 # ---------------------------------------------------------------- report
 
 def cpu_description():
@@ -400,7 +386,7 @@ def header(args, argv, data, device):
     gpu = (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
            f"cuDNN {torch.backends.cudnn.version()})" if device.type == "cuda" else "")
     float32 = ", ".join(f"{name} {setting.fp32_precision}"
-                        for name, setting in float32_settings().items())
+                        for name, setting in run.float32_settings().items())
     return "\n".join([
         "**bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10**",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
@@ -472,8 +458,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        device = run.setup_machine(args)
-        ieee_float32()
+        device = run.setup_machine(args)  # float32 is IEEE float32 (no --tf32 here)
         data = load_data(args.data_dir)
         rows = benchmark(args, data, device)
         augment_seconds = augmentation_seconds(data, device)

@@ -152,6 +152,12 @@ def build_parser():
     ops.add_argument("--threads", type=positive_int, default=None,
                      help="CPU threads (default: all cores, shared among a node's processes)")
     ops.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ops.add_argument("--tf32", action="store_true",
+                     help="let float32 convs and matmuls use TF32 on GPUs that have it (Ampere "
+                          "on): faster, but not the paper's float32 arithmetic")
+    ops.add_argument("--deterministic", action="store_true",
+                     help="deterministic GPU kernels, so that a seeded GPU run and its resume are "
+                          "bit-reproducible (CPU runs always are)")
     ops.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BN statistics over the global batch, not per process")
     ops.add_argument("--dist-timeout", type=positive_int, default=600,
@@ -174,28 +180,45 @@ def parse_args(argv=None):
         parser.error(f"--momentum must be below 1, got {args.momentum:g}")
     if args.seed >= 2 ** 64:  # torch.manual_seed's range
         parser.error(f"--seed must be below 2**64, got {args.seed}")
-    if args.val_size >= 50_000:
-        parser.error(f"--val-size must leave training images (below 50000), got {args.val_size}")
+    if 50_000 - args.val_size < args.batch_size:
+        parser.error(f"--val-size {args.val_size} leaves {max(50_000 - args.val_size, 0)} "
+                     f"training images, fewer than one batch (--batch-size {args.batch_size})")
     if args.name is not None and (not args.name or os.sep in args.name or args.name.startswith(".")):
         parser.error(f"--name must be a plain folder name, got {args.name!r}")
-    if args.device != "auto":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):  # meta, mps...: not supported
-            parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available on this machine")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            parser.error(f"--device {args.device}: this machine has "
-                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+    if args.sync_bn and args.compile:
+        parser.error("--sync-bn with --compile is not supported yet (SyncBatchNorm is likely "
+                     "to break the compiled graph, and it was not measured on a GPU); drop one")
     world = World.from_environment()
+    check_device(parser, args.device, world)
     if args.batch_size % world.size:
         parser.error(f"--batch-size {args.batch_size} (the global batch) must divide evenly "
                      f"among the {world.size} processes")
     args.name = args.name or default_name(args)
     return args
+
+
+def check_device(parser, name, world):
+    """--device names a device this machine has; under torchrun, one GPU per process."""
+    device = None
+    if name != "auto":
+        with contextlib.suppress(RuntimeError):
+            device = torch.device(name)
+        if device is None or device.type not in ("cpu", "cuda"):  # meta, mps...: not supported
+            parser.error(f"--device: expected auto, cpu, cuda or cuda:K, got {name!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {name}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {name}: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0 and up")
+    uses_cuda = device.type == "cuda" if device else torch.cuda.is_available()
+    if world.size > 1 and uses_cuda:
+        if device is not None and device.index is not None:
+            parser.error(f"--device {name}: under torchrun each process takes the GPU of its "
+                         "local rank; pass --device cuda")
+        if world.local_size > torch.cuda.device_count():
+            parser.error(f"torchrun started {world.local_size} processes on this node, but it "
+                         f"has {torch.cuda.device_count()} GPU(s): one process per GPU "
+                         "(--nproc-per-node)")
 
 
 def default_name(args):
@@ -436,17 +459,40 @@ def pick_device(name, local_rank=0):
     return device
 
 
+def float32_settings():
+    """torch's settings of the internal precision of float32 convs and matmuls, by library."""
+    b = torch.backends
+    return {"cuDNN conv": b.cudnn.conv, "cuBLAS matmul": b.cuda.matmul,
+            "oneDNN conv": b.mkldnn.conv, "oneDNN matmul": b.mkldnn.matmul}
+
+
+def set_float32_precision(tf32):
+    """float32 as IEEE float32 in every library (cuDNN convs default to TF32 on Ampere and
+    newer GPUs), or TF32 on GPUs with --tf32. torch's API of 2.9 on; once it is used, the
+    legacy getter torch.backends.cudnn.allow_tf32 raises, so nothing here reads it."""
+    for library, setting in float32_settings().items():
+        setting.fp32_precision = "tf32" if tf32 and not library.startswith("oneDNN") else "ieee"
+
+
 def setup_machine(args, world=None):
-    """The device, CPU threads (all cores, shared between the processes of a node) and, under
-    torchrun, the process group."""
+    """The device, its arithmetic (float32 or TF32, deterministic or fastest kernels), CPU
+    threads (all cores, shared between the processes of a node) and, under torchrun, the
+    process group."""
     world = world or World.from_environment()
     device = pick_device(args.device, world.local_rank)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    set_float32_precision(args.tf32)
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.backends.cudnn.deterministic = True
+        # warn_only: cross-entropy and the 8x8 average pool's backward have no kernel marked
+        # deterministic on CUDA; for these shapes they use no atomics (checked by a GPU resume).
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if world.size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=args.dist_timeout))
@@ -462,6 +508,18 @@ def check_memory(config, world, device):
                        f"{world.batch_share(config['batch_size'])} on {device}, but "
                        f"{available / 2**30:.1f} GiB is available; use a smaller N, or more "
                        "processes")
+
+
+def fetch_data(args, world):
+    """--download by one process while the others wait: rank 0, then the first process of any
+    node that still lacks the data (nodes that share no file system)."""
+    if not args.download:
+        return
+    for fetches in (world.rank == 0, world.local_rank == 0):
+        if fetches:
+            cifar_binary.download(args.data_dir)
+        if world.size > 1:
+            dist.barrier()
 
 
 def load_data(args, split):
@@ -592,11 +650,12 @@ def write_run_info(args, run, resumed):
     machine = {"device": str(run.device), "processes": run.world.size,
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "iteration": run.iteration}
+               "iteration": run.iteration, "tf32": args.tf32, "deterministic": args.deterministic}
     saved = read_run_info(run.folder) if resumed else None
     if saved is None:
         saved = {**info, "start": machine, "resumes": []}
     else:
+        warn_of_another_device(run, (saved["resumes"] or [saved["start"]])[-1])
         saved["resumes"].append(machine)
     write_json(os.path.join(run.folder, "config.json"), saved)
     print(f"{describe(run.config)}: {run.params:,} parameters, {len(run.data.train[0]):,} "
@@ -606,6 +665,15 @@ def write_run_info(args, run, resumed):
                                   if k not in ("depth", "params")), width=100,
                         break_long_words=False, break_on_hyphens=False))
     print(f"run folder: {run.folder}  (tensorboard --logdir={args.logdir})")
+
+
+def warn_of_another_device(run, previous):
+    """The augmentation's random stream and the arithmetic differ between CPUs and GPUs."""
+    before = str(previous.get("device", "?")).split(":")[0]
+    if before != run.device.type:
+        print(f"warning: {run.folder} trained on {before} until iteration {run.iteration} and "
+              f"resumes on {run.device.type}: the augmentation's random stream and the "
+              "arithmetic change, so this run is no longer bit-reproducible", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the state a run's phases share
@@ -767,6 +835,11 @@ class Run:
         if self.lead:
             self.writer.add_scalar(tag, value, self.iteration)
 
+    def say(self, message):
+        """A line above the progress bar, from one process (tqdm.write ignores `disable`)."""
+        if self.lead:
+            self.bar.write(message)
+
     def step(self):
         """One SGD step on the iteration's batch, at the iteration's learning rate."""
         lr = lr_at(self.iteration, self.config["lr"], self.config["milestones"], self.warmup.on)
@@ -802,8 +875,8 @@ class Run:
                              lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
         if self.warmup.window_closed(self.iteration, train_error):
             self.log("warmup/ended_at", self.iteration)
-            self.bar.write(f"warm-up ended at iteration {self.iteration} "
-                           f"(train error {train_error:.1f}%)")
+            self.say(f"warm-up ended at iteration {self.iteration} "
+                     f"(train error {train_error:.1f}%)")
 
     def evaluate(self):
         """Test (and validation) error and loss, logged; the model in eval mode."""
@@ -822,9 +895,9 @@ class Run:
 
     def report_evaluation(self):
         results = self.evaluate()
-        self.bar.write(f"iter {self.iteration}: test error {results['test']['error']:.2f}%"
-                       + (f", val error {results['val']['error']:.2f}%" if "val" in results
-                          else "") + f", epoch {self.order.epoch_of(self.iteration):.1f}")
+        self.say(f"iter {self.iteration}: test error {results['test']['error']:.2f}%"
+                 + (f", val error {results['val']['error']:.2f}%" if "val" in results else "")
+                 + f", epoch {self.order.epoch_of(self.iteration):.1f}")
 
     def model_state(self):
         """The checkpoint's MODEL_KEYS: what model.pt holds."""
@@ -851,6 +924,7 @@ class Run:
                                "not saving them")
             state = self.state()
             if self.lead:
+                self.writer.flush()  # every curve point the checkpoint covers, on disk first
                 save_checkpoint(self.checkpoint_path, state)
 
     def stopped(self):
@@ -861,11 +935,23 @@ class Run:
         return 128 + (self.signals[0] if self.signals else signal.SIGTERM)
 
     def finish(self):
-        """The final evaluation (never a best one picked on the test set), result.json and
-        model.pt, the final weights to share."""
+        """The final evaluation (never a best one picked on the test set), then result.json and
+        model.pt, the final weights to share. A signal during the evaluation stops the run
+        before them (the rerun evaluates again); one during the writes lets them complete."""
         results = self.evaluate()
-        if not self.lead:
-            return 0
+        if self.signals:
+            return self.stopped()
+        if self.lead:
+            self.write_results(results)
+        if self.signals:
+            if self.lead:
+                print(f"stopped by a signal after the run finished; {self.folder} holds its "
+                      "results", file=sys.stderr)
+            return 128 + self.signals[0]
+        return 0
+
+    def write_results(self, results):
+        """result.json and model.pt."""
         seconds = self.clock.seconds
         result = {**report(self.config, self.params, results["test"]),
                   **({"val_error": results["val"]["error"]} if "val" in results else {}),
@@ -878,7 +964,6 @@ class Run:
         write_json(os.path.join(self.folder, "result.json"), result)
         print(f"{describe(self.config)} after {self.iteration} iterations: "
               f"test error {result['test_error']:.2f}%")
-        return 0
 
 
 # ---------------------------------------------------------------- train
@@ -888,6 +973,7 @@ def train(args):
     device = setup_machine(args, world)
     config = experiment_config(args)
     check_memory(config, world, device)
+    fetch_data(args, world)
     data = Splits.load(args)
     with contextlib.ExitStack() as stack:
         # Open the run: a new one, a resume from its checkpoint, or nothing left to do.
@@ -947,9 +1033,12 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args) if args.mode == "train" else test(args)
-    except (RunError, cifar_binary.DataError, OSError) as e:  # OSError: a file we write
-        if World.from_environment().rank == 0:  # the other processes have the same message
-            print(f"error: {e}", file=sys.stderr)
+    except (RunError, cifar_binary.DataError, OSError, torch.OutOfMemoryError) as e:
+        # OSError: a file we write; OutOfMemoryError: a GPU another process filled meanwhile
+        if isinstance(e, torch.OutOfMemoryError):
+            e = f"{args.device}: out of GPU memory ({str(e).splitlines()[0][:160]})"
+        world = World.from_environment()  # errors may differ by process: each says its own
+        print(f"error: {f'[rank {world.rank}] ' if world.size > 1 else ''}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before training started: nothing to save
         print("interrupted", file=sys.stderr)

@@ -1,7 +1,13 @@
 import os
+import subprocess
 import sys
 
 import pytest
+
+# The suite runs on the CPU, on a machine with GPUs too (results there are not bit-exact, and
+# the torchrun tests would need two): a test that needs a GPU asks for `gpu_environment`.
+GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything starts CUDA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -22,3 +28,25 @@ def real_cifar():
     if not root or not os.path.isdir(root):
         pytest.skip("real CIFAR-10 not available: set CIFAR10_DIR to the cifar-10-batches-bin folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def gpu_environment():
+    """The environment of a subprocess that sees this machine's GPUs; skips without one."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if GPU_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = GPU_DEVICES
+    count = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           env=env, capture_output=True, text=True).stdout.strip()
+    if count in ("", "0"):
+        pytest.skip("no CUDA GPU on this machine")
+    return env
+
+
+@pytest.fixture
+def restore_float32_settings():
+    import run
+    before = {name: s.fp32_precision for name, s in run.float32_settings().items()}
+    yield
+    for name, setting in run.float32_settings().items():
+        setting.fp32_precision = before[name]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import run
 import cifar_binary
 from synthetic import records
 
@@ -60,36 +61,6 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def restore_float32_settings():
-    before = {name: s.fp32_precision for name, s in bench.float32_settings().items()}
-    yield
-    for name, setting in bench.float32_settings().items():
-        setting.fp32_precision = before[name]
-
-
-def test_fp32_means_ieee_float32_in_every_library(restore_float32_settings):
-    bench.ieee_float32()
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"  # TF32 by default
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    assert torch.backends.mkldnn.conv.fp32_precision == "ieee"
-    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
-
-
-def test_a_damaged_batch_file_is_one_line_and_exit_1(tmp_path):
-    data_dir = tmp_path / "cifar"
-    data_dir.mkdir()
-    damaged = data_dir / cifar_binary.SPLIT_FILES["train"][0]
-    damaged.write_bytes(records(cifar_binary.RECORDS_PER_FILE)[:-100])  # truncated
-    command = [sys.executable, "bench.py", "--depths", "8", "--device", "cpu",
-               "--data-dir", str(data_dir)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # no traceback
-    assert result.stderr.startswith(f"error: {damaged}: ")
 
 
 def number(cell):

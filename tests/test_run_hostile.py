@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import plot_curves
 import run
 from conftest import ROOT
 from resnet import ResNet
@@ -537,3 +538,100 @@ def test_n_too_large_for_memory_is_a_clear_error_not_an_out_of_memory_crash(
     error = (one_line_error if result.returncode == 1 else usage_error)(result.stderr)
     assert "100000" in error and error.count("GiB") >= 2  # needed, and available
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- damage the digest catches
+
+def flip_a_byte_of(tensor, raw):
+    """The checkpoint's bytes with one bit flipped inside the stored data of `tensor`."""
+    at = raw.find(tensor.numpy().tobytes()[:64])
+    assert at > 0 and raw.find(tensor.numpy().tobytes()[:64], at + 1) < 0
+    return raw[:at + 5] + bytes([raw[at + 5] ^ 0x10]) + raw[at + 6:]
+
+
+def test_a_flipped_bit_inside_a_tensor_is_refused_in_one_line(good, synthetic_cifar, tmp_path,
+                                                              capsys):
+    state, raw = good
+    damaged = flip_a_byte_of(state["model"]["fc.weight"], raw)
+    folder = tmp_path / NAME
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(damaged)
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["iteration"] == STOP_AT
+    assert train(synthetic_cifar, tmp_path) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert str(folder / "checkpoint.pt") in error and "damaged" in error and "--fresh" in error
+    assert (folder / "checkpoint.pt").read_bytes() == damaged
+    assert run.main(["1", "test", "--checkpoint", str(folder / "checkpoint.pt"),
+                     "--data-dir", synthetic_cifar]) == 1
+    assert "damaged" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_checkpoint_without_a_digest_from_before_digests_still_resumes_exactly(
+        good, reference, synthetic_cifar, tmp_path):
+    state, _ = good
+    folder = tmp_path / NAME
+    shutil.copytree(good_folder_of(state, tmp_path), folder)
+    torch.save({k: v for k, v in state.items() if k != "digest"}, folder / "checkpoint.pt")
+    assert train(synthetic_cifar, tmp_path) == 0
+    assert_same_state(reference, checkpoint_of(folder))
+
+
+def good_folder_of(state, tmp_path):
+    """A run folder holding nothing but a config.json, as a resume needs."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"resumes": [], "start": {"device": "cpu"}}))
+    return folder
+
+
+# ---------------------------------------------------------------- signals at the end of a run
+
+def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_completes(
+        reference, synthetic_cifar, tmp_path, monkeypatch, capsys):
+    real_evaluate = run.evaluate
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # run.py handles it: the evaluation completes
+        return result
+
+    monkeypatch.setattr(run, "evaluate", evaluate_then_sigterm)  # --eval-every 1000: the final
+    assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("stopped by a signal at iteration 24") and "resume" in line
+    folder = tmp_path / NAME
+    assert iteration_in(folder) == ITERS and not (folder / "result.json").exists()
+    monkeypatch.setattr(run, "evaluate", real_evaluate)
+    assert train(synthetic_cifar, tmp_path) == 0
+    assert (folder / "result.json").exists() and (folder / "model.pt").exists()
+    assert_same_state(reference, checkpoint_of(folder))
+    curves = plot_curves.load_scalars(str(folder))
+    assert curves["train/error"][0] == list(range(4, ITERS + 1, 4))
+    assert curves["test/error"][0] == [ITERS]
+
+
+def test_curve_points_a_checkpoint_covers_survive_kill_9(synthetic_cifar, tmp_path):
+    # The process kills itself right after writing its checkpoint at iteration 12.
+    code = (f"import os, signal, sys\nsys.path.insert(0, {ROOT!r})\nimport run\n"
+            "save = run.save_checkpoint\n"
+            "def save_then_die(path, state, *keys):\n"
+            "    save(path, state, *keys)\n"
+            "    if state['iteration'] == 12: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "run.save_checkpoint = save_then_die\n"
+            "sys.exit(run.main(sys.argv[1:]))\n")
+    process = subprocess.Popen([sys.executable, "-c", code, "1", "train", "--data-dir",
+                                synthetic_cifar, "--logdir", str(tmp_path), *FLAGS],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    returncode, _, err = finish(process)
+    assert returncode == -signal.SIGKILL, err
+    folder = tmp_path / NAME
+    assert iteration_in(folder) == 12
+    assert plot_curves.load_scalars(str(folder))["train/error"][0] == [4, 8, 12]
+
+
+def test_a_training_set_smaller_than_one_batch_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["1", "train", "--val-size", "49999"])
+    assert exit_info.value.code == 2
+    error = usage_error(capsys.readouterr().err)
+    assert "--val-size 49999 leaves 1 training images, fewer than one batch" in error
