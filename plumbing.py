@@ -1,5 +1,6 @@
 """The file and machine plumbing under run.py: atomic writes, the run folder's lock, the git
-commit a run was made with, and the memory a run needs against what the machine has."""
+commit a run was made with, and an upper bound on the memory a run needs, against what the
+machine has."""
 import contextlib
 import ctypes
 import fcntl
@@ -87,12 +88,72 @@ def run_folder(logdir, name, fresh):
         yield folder
 
 
-def training_memory(n, batch_size):
-    """A lower bound on the bytes training needs: per image, the two float32 maps autograd keeps
-    for each of the 6n 3x3 layers (conv output, ReLU output), plus weights, gradients, momentum."""
-    maps_per_block = 2 * 2 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)  # per block and stage
-    weights = 2 * 9 * (16 * 16 + 32 * 32 + 64 * 64) * n
-    return 4 * (batch_size * n * maps_per_block + 3 * weights)
+GiB = 2 ** 30
+# What a training process holds besides its activations; CPU values measured (table below).
+LOADED = 3 * GiB  # the whole process once the data set is loaded, at the peak of loading it:
+# Python and torch (0.5 GiB), the data set, the record buffers and per_pixel_mean's float64
+# chunks, which keep_freed_memory keeps in the heap: measured 1.5-2.3 GiB
+DATASET = 60_000 * (3 * 32 * 32 + 8)  # uint8 images and int64 labels of train and test
+# On a GPU: estimates from the CUDA and PyTorch documentation, not yet measured on a GPU.
+CUDA_RUNTIME = 1 * GiB  # the CUDA context, the cuDNN and cuBLAS kernels it loads on first use
+# (lazy loading) and cuBLAS's workspaces: some hundreds of MiB. The context exists already when
+# mem_get_info reads the free memory, so part of this counts twice: margin.
+CUDNN_WORKSPACE = 1 * GiB  # scratch of the convolution algorithms cudnn.benchmark tries
+CUDA_EVAL_BATCH = 1000  # run.evaluate's batch on a GPU (inference: no maps kept)
+BACKWARD = 8 * 16 * 32 * 32 * 4  # bytes per image: 8 float32 maps of the first stage
+
+
+def activations_saved(n):
+    """Values per image that autograd keeps for the backward of ResNet(n) or plain(n): the input,
+    and for each of the 6n+1 3x3 convs its output (kept by BN) and the ReLU's output (kept by the
+    ReLU and the next conv; a BN output dies at its ReLU, the shortcut sum keeps nothing), plus
+    option B's two projection outputs (counted for every net: 8% or less). Counted with
+    torch.autograd.graph.saved_tensors_hooks, in float32 and under bf16 autocast alike."""
+    first, second, third = 16 * 32 * 32, 32 * 16 * 16, 64 * 8 * 8  # a map of each stage
+    return 3 * 32 * 32 + 2 * ((1 + 2 * n) * first + 2 * n * (second + third)) + second + third
+
+
+def training_memory_bound(n, batch_size, amp="none", device="cpu"):
+    """An upper bound on the bytes that training ResNet(n) or plain(n) with `batch_size` images
+    per process takes on `device`: on CPU the whole process, on CUDA its GPU memory.
+
+        CPU:   LOADED + weights + batch_size * per_image
+        CUDA:  CUDA_RUNTIME + CUDNN_WORKSPACE + DATASET + weights
+                   + max(batch_size * per_image, CUDA_EVAL_BATCH * BACKWARD)
+        per_image = 2 * activations_saved(n) * (2 bytes under --amp bf16, else 4) + BACKWARD
+        weights = 16 bytes (weight, gradient, momentum, a copy) * 97,216 n (>= the parameters)
+
+    Fitted to the table, at the backward's peak the heap holds 1.6 (float32) to 1.8 (bf16) times
+    what autograd keeps, plus 0.2-0.3 MiB per image whatever n (the backward's gradients of the
+    first stage, the augmented batch); the factor 2 and BACKWARD (0.5 MiB) cover it. On CPU the
+    activations reuse some of what loading left free in the heap, how much varies from run to
+    run (n=1, batch 2048: 3.42 and 3.90 GiB; a range below is two runs): the bound assumes they
+    reuse none.
+
+    Peak resident memory of run.py (`python tests/test_memory.py --data-dir DIR`: `run.py N train
+    --iters 2 --batch-size B [--amp bf16] [--compile]` in a child process, its peak RSS from
+    wait4; Python, torch, the 60,000 images, two steps and the test evaluation), in GiB, and the
+    bound; Intel Xeon with AVX-512 BF16 and AMX, 2 cores, torch 2.14.1, 2026-11-29:
+
+        peak/bound (GiB)   batch 32        128        512        2048            4096
+        N=1  float32       1.52-1.98/3.06  2.21/3.22  2.21/3.87  3.42-3.90/6.49  6.21/9.97
+        N=1  bf16          1.98/3.04       2.21/3.14  2.21/3.56  2.36/5.24       3.81/7.49
+        N=3  float32       1.52/3.11       1.98/3.44  2.45/4.75  6.39/9.99
+        N=3  bf16          1.98/3.07       1.98/3.25  2.21/4.00  3.93/7.00
+        N=1  float32 --compile                                   3.09/6.49
+        N=1  bf16 --compile           2.29/3.14
+        N=3  bf16 --compile                                      3.64/7.00
+
+    The bound is 1.37 to 2.23 times every peak measured. --compile's worker processes are not
+    counted.
+    """
+    itemsize = 2 if amp == "bf16" else 4
+    per_image = 2 * activations_saved(n) * itemsize + BACKWARD
+    weights = 16 * 97_216 * n
+    if getattr(device, "type", device) == "cuda":
+        return (CUDA_RUNTIME + CUDNN_WORKSPACE + DATASET + weights
+                + max(batch_size * per_image, CUDA_EVAL_BATCH * BACKWARD))
+    return LOADED + weights + batch_size * per_image
 
 
 def available_memory(device):

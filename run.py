@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import cifar_binary
 from ddp import World, from_rank_0, ranks_agree, sync_batchnorm
 from plumbing import (RunError, atomic_write, available_memory, git_commit, keep_freed_memory,
-                      run_folder, training_memory, write_json)
+                      run_folder, training_memory_bound, write_json)
 from resnet import LayerResponses, ResNet, count_parameters, depth_of
 
 # The paper's recipe, Section 4.2 (and 3.4), in one place.
@@ -500,14 +500,20 @@ def setup_machine(args, world=None):
 
 
 def check_memory(config, world, device):
-    needed = training_memory(config["n"], world.batch_share(config["batch_size"]))
+    """Refuse, before loading anything, a run that would not fit in the memory available now:
+    training_memory_bound is an upper bound (measured on CPU), so a run that passes does not
+    grow into the out-of-memory killer unless other processes take the memory meanwhile."""
+    batch = world.batch_share(config["batch_size"])
+    needed = training_memory_bound(config["n"], batch, config["amp"], device)
+    processes = world.local_size if device.type == "cpu" else 1  # a node's processes share it
     available = available_memory(device)
-    if available is not None and needed > available:
-        raise RunError(f"N={config['n']} (depth {depth_of(config['n'])}) needs at least "
-                       f"{needed / 2**30:.1f} GiB to train with batches of "
-                       f"{world.batch_share(config['batch_size'])} on {device}, but "
-                       f"{available / 2**30:.1f} GiB is available; use a smaller N, or more "
-                       "processes")
+    if available is not None and processes * needed > available:
+        amp = f" with --amp {config['amp']}" if config["amp"] != "none" else ""
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        raise RunError(f"N={config['n']} (depth {depth_of(config['n'])}) needs up to "
+                       f"{processes * needed / 2**30:.1f} GiB to train with batches of {batch}"
+                       f"{each} on {device}{amp}, but {available / 2**30:.1f} GiB is available; "
+                       "use a smaller --batch-size or N")
 
 
 def fetch_data(args, world):
