@@ -100,7 +100,9 @@ def build_parser():
     p.add_argument("mode", choices=("train", "test"),
                    help="train: train with the recipe below in <logdir>/<name>, resuming its "
                         "checkpoint if there is one; test: evaluate a run's checkpoint on the "
-                        "test set (error, per-class errors, layer responses) into test.json")
+                        "test set (error, per-class errors, layer responses) into test.json; "
+                        "without <logdir>/<name>, the only run under --logdir of the network "
+                        "and settings given")
     net = p.add_argument_group("network")
     net.add_argument("--plain", action="store_true", help="no shortcuts (the paper's plain nets)")
     net.add_argument("--shortcut", choices=("A", "B"), default="A",
@@ -140,7 +142,8 @@ def build_parser():
     data.add_argument("--fresh", action="store_true",
                       help="start over; an existing run folder is moved to <logdir>/.replaced/")
     data.add_argument("--checkpoint", default=None,
-                      help="test: evaluate this checkpoint file (default: the run folder's)")
+                      help="test: evaluate this checkpoint file, or this run folder's "
+                           "checkpoint.pt (model.pt if it has none) (default: the run folder's)")
     ops = p.add_argument_group("monitoring and machine")
     ops.add_argument("--eval-every", type=positive_int, default=1000,
                      help="evaluate on the test set every K iterations")
@@ -914,7 +917,7 @@ def train(args):
 
 def test(args):
     device = setup_machine(args, World())  # one process, even under torchrun
-    path = args.checkpoint or os.path.join(args.logdir, args.name, "checkpoint.pt")
+    path = checkpoint_to_test(args)
     state = load_checkpoint(path)
     config = state["config"]
     asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut}
@@ -925,22 +928,118 @@ def test(args):
     with checkpoint_must_fit(path, config):
         model.load_state_dict(state["model"])
     verify_digest(path, state)
+    folder, iteration = os.path.dirname(os.path.abspath(path)), state["iteration"]
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
     test_report = {**report(config, count_parameters(model), result),
                    "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
-                   "iteration": state["iteration"], "checkpoint": path,  # as given: reproducible
+                   "iteration": iteration, "checkpoint": path,  # as given: reproducible
                    "layer_responses": responses.std()}
-    print(f"{describe(config)}, iteration {state['iteration']}: test error "
+    print(f"{describe(config)}, iteration {iteration}: test error "
           f"{result['error']:.2f}% ({len(images):,} images)")
     for name, error in test_report["per_class_error"].items():
         print(f"  {name:<10} {error:5.1f}%")
-    out = os.path.join(os.path.dirname(os.path.abspath(path)), "test.json")
+    out = os.path.join(folder, "test.json")
     write_json(out, test_report)
     print(f"wrote {out}")
     return 0
+
+
+def checkpoint_to_test(args):
+    """The checkpoint `test` evaluates: --checkpoint (a file, or a run folder); else the run
+    folder the flags name; else, when there is none and --name was not given, the only run
+    folder under --logdir that matches the command (N, --plain, --shortcut, and each other
+    experiment setting it gives a value other than the default), saying which."""
+    if args.checkpoint:
+        if os.path.isdir(args.checkpoint):
+            return checkpoint_in(args.checkpoint)
+        return args.checkpoint
+    folder = os.path.join(args.logdir, args.name)
+    if os.path.isdir(folder) or args.name != default_name(args):
+        return checkpoint_in(folder)
+    asked = asked_settings(args)
+    wanted = describe(asked) + "".join(f", {k} {v}" for k, v in asked.items()
+                                       if k not in ("n", "plain", "shortcut"))
+    runs = [run for run in testable_runs(args.logdir)
+            if all(run.config[k] == v for k, v in asked.items())]
+    if len(runs) == 1:
+        print(f"no run folder {folder}: testing {runs[0].folder}, the only run of {wanted} "
+              f"under {args.logdir}")
+        return runs[0].checkpoint
+    if not runs:
+        raise RunError(f"{folder}: no run there, nor any other run of {wanted} with a "
+                       f"checkpoint under {args.logdir}; pass the run's --name, or --checkpoint")
+    raise RunError("\n".join([f"{len(runs)} runs of {wanted} under {args.logdir}; pass the "
+                              "--name of the one to test:"] + [f"  {run}" for run in runs]))
+
+
+def checkpoint_in(folder):
+    """A run folder's checkpoint.pt: its latest weights, while it trains, and its final ones
+    (the same as model.pt's) once it finished; model.pt in a folder without one (a published
+    or shared run)."""
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    model = os.path.join(folder, "model.pt")
+    return model if os.path.exists(model) and not os.path.exists(checkpoint) else checkpoint
+
+
+def asked_settings(args):
+    """The experiment settings a command gives: N, --plain and --shortcut, and every other one
+    that differs from its default."""
+    defaults = vars(build_parser().parse_args([str(args.n), args.mode]))
+    defaults["milestones"] = default_milestones(args.iters)
+    return {k: getattr(args, k) for k in EXPERIMENT_KEYS
+            if k in ("n", "plain", "shortcut") or getattr(args, k) != defaults[k]}
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """A run folder with a checkpoint to test, as a line that says where the run stands."""
+    folder: str
+    config: dict
+    checkpoint: str
+
+    def __str__(self):
+        result = read_json_or_none(os.path.join(self.folder, "result.json")) or {}
+        if isinstance(result.get("test_error"), (int, float)) and \
+                isinstance(result.get("iterations"), int):
+            return (f"{self.folder}: finished, {result['iterations']:,} iterations, test error "
+                    f"{result['test_error']:.2f}%")
+        try:
+            where = f"iteration {load_checkpoint(self.checkpoint)['iteration']:,}"
+        except RunError:
+            where = "unreadable checkpoint"
+        return f"{self.folder}: {where} of {self.config['iters']:,}, unfinished"
+
+
+def testable_runs(logdir):
+    """The run folders under `logdir` with a checkpoint, each with its experiment settings
+    (config.json's, else the checkpoint's), in name order; dot-folders (.replaced/) are not runs."""
+    runs = []
+    names = sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []
+    for name in names:
+        folder = os.path.join(logdir, name)
+        checkpoint = checkpoint_in(folder)
+        if name.startswith(".") or not os.path.isfile(checkpoint):
+            continue
+        config = read_json_or_none(os.path.join(folder, "config.json")) or {}
+        if not set(EXPERIMENT_KEYS) <= config.keys():
+            try:
+                config = load_checkpoint(checkpoint)["config"]
+            except RunError:
+                continue  # not a run of this project: nothing to test there
+        runs.append(RunFolder(folder, config, checkpoint))
+    return runs
+
+
+def read_json_or_none(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def main(argv=None):
