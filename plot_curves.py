@@ -6,8 +6,8 @@ Recognition" (Section 4.2, CIFAR-10), drawn from the run folders of `run.py`.
 
 Figure 6: training curves of plain nets, ResNets, and ResNet-110 vs ResNet-1202 (event files),
 a row of panels per schedule; the paper's schedule in the paper's layout, with its final errors.
-Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json), a column of
-panels per schedule.
+Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json of the run's
+final weights only), a column of panels per schedule.
 Table 6: our test errors next to the paper's (result.json). Runs are grouped by configuration
 (config.json: everything but the seed), never by folder name; unfinished runs are reported apart.
 """
@@ -73,6 +73,15 @@ class Run:
         if self.result is not None:
             return self.result["iterations"]
         return max((steps[-1] for steps, _ in self.scalars.values()), default=0)
+
+    @property
+    def tested_final_weights(self):
+        """Whether test.json is of the run's final weights. run.py says so in it since it tests
+        runs in training; the test.json files written before were all of final weights, and are
+        recognised by their iteration, the run's last."""
+        if "final_weights" in self.test:
+            return self.test["final_weights"] is True
+        return self.test.get("iteration") == self.config["iters"]
 
     def test_error(self):
         """(error %, iteration): the final one, or for an unfinished run its last evaluation."""
@@ -422,7 +431,17 @@ def figure7(runs):
     values stay apart; one column per schedule, so that nets trained for different lengths
     never share a panel."""
     columns, other_nets = {}, []  # schedule -> [(run, seeds)]
-    for runs_of_config in group([r for r in runs if r.test is not None]):
+    tested = [r for r in runs if r.test is not None]
+    for run in tested:
+        if not run.tested_final_weights:
+            iteration, iters = run.test.get("iteration"), run.config["iters"]
+            where = "" if iteration is None else f" of iteration {iteration:,} of {iters:,}"
+            if run.test.get("in_training"):
+                where += ", tested while the run was training"
+            warn(f"{os.path.join(run.folder, 'test.json')}: not of the run's final weights"
+                 f"{where}; left out of Figure 7 (`run.py N test` again once the run has "
+                 "finished)")
+    for runs_of_config in group([r for r in tested if r.tested_final_weights]):
         run, count = median_run(runs_of_config, lambda r: r.test["test_error"])
         if (run.config["plain"], run.depth) not in FIGURE7_NETS:
             other_nets.append(label(run.config))

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -928,14 +929,23 @@ def test(args):
     with checkpoint_must_fit(path, config):
         model.load_state_dict(state["model"])
     verify_digest(path, state)
+    # Whether these are the run's final weights, and whether another process still trains it.
     folder, iteration = os.path.dirname(os.path.abspath(path)), state["iteration"]
+    final, trainer = iteration >= config["iters"], training_process(folder)
+    if trainer is not None or not final:
+        print(f"note: {folder} is " + (f"being trained by another process (pid {trainer})"
+                                       if trainer is not None else "unfinished")
+              + f": testing its checkpoint of iteration {iteration:,} of {config['iters']:,}, "
+              + ("the run's final weights" if final else "not the run's final weights"))
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
     test_report = {**report(config, count_parameters(model), result),
                    "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
-                   "iteration": iteration, "checkpoint": path,  # as given: reproducible
+                   "iteration": iteration, "iters": config["iters"], "final_weights": final,
+                   "in_training": trainer is not None,
+                   "checkpoint": path,  # as given: reproducible
                    "layer_responses": responses.std()}
     print(f"{describe(config)}, iteration {iteration}: test error "
           f"{result['error']:.2f}% ({len(images):,} images)")
@@ -1010,7 +1020,9 @@ class RunFolder:
             where = f"iteration {load_checkpoint(self.checkpoint)['iteration']:,}"
         except RunError:
             where = "unreadable checkpoint"
-        return f"{self.folder}: {where} of {self.config['iters']:,}, unfinished"
+        trainer = training_process(self.folder)
+        return (f"{self.folder}: {where} of {self.config['iters']:,}"
+                + (f", in training (pid {trainer})" if trainer is not None else ", unfinished"))
 
 
 def testable_runs(logdir):
@@ -1040,6 +1052,21 @@ def read_json_or_none(path):
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def training_process(folder):
+    """The pid (a string; "?" if unknown) of the process that trains in `folder`, which holds
+    the folder's lock (plumbing.run_folder), or None. Creates no lock file."""
+    try:
+        lock = open(os.path.join(folder, ".lock"))
+    except OSError:
+        return None  # never trained here: a published or copied folder
+    with lock:  # closing it releases the shared lock we may get
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return lock.read().strip() or "?"
+    return None
 
 
 def main(argv=None):

@@ -17,10 +17,12 @@ PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19
 
 
 def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
-             final=8.0, stop_at=None, events=True, responses=None):
+             final=8.0, stop_at=None, events=True, responses=None, tested=None):
     """A run folder as run.py writes it, with synthetic curves that end at `final` % test error:
     training error every iters/10 iterations, test error every iters/4.
-    stop_at: the run was interrupted there (no result.json)."""
+    stop_at: the run was interrupted there (no result.json). responses: a test.json with these
+    layer responses, of the last iteration, in the format of the published ones (without the
+    fields of `tested`, which it adds)."""
     folder = os.path.join(logdir, name)
     os.makedirs(folder)
     milestones = [32_000, 48_000] if iters == 64_000 else [iters // 2, iters * 3 // 4]
@@ -43,10 +45,10 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
             test_error=final, test_loss=0.3, iterations=iters, depth=6 * n + 2, params=PARAMS[n],
             plain=plain, shortcut=shortcut, seed=seed, amp=amp, warmup_end=None))
     if responses is not None:
-        write_json(os.path.join(folder, "test.json"), dict(
+        write_json(os.path.join(folder, "test.json"), dict(dict(
             test_error=final, per_class_error={}, iteration=end, params=PARAMS[n],
             depth=6 * n + 2, plain=plain, shortcut=shortcut, checkpoint="checkpoint.pt",
-            layer_responses=responses))
+            layer_responses=responses), **(tested or {})))
     return folder
 
 
@@ -305,6 +307,37 @@ def test_figure7_draws_network_order_on_top_and_sorted_below(tmp_path, capsys):
     assert top.lines[1].get_linestyle() == "--"  # plain nets dashed, in their depth's colour
     assert top.lines[1].get_color() == top.lines[0].get_color()
     assert bottom.get_xlabel() == "layer index (sorted by magnitude)"
+
+
+def test_figure7_leaves_out_test_json_not_of_the_final_weights_and_says_so(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20", responses=[1.0] * 19, events=False)  # published format
+    make_run(str(tmp_path), "resnet56", n=9, responses=[2.0] * 55, events=False,
+             tested=dict(iters=64_000, final_weights=True, in_training=False))
+    # A test.json of iteration 32,000 in the published format: tested before the run finished.
+    make_run(str(tmp_path), "plain20", plain=True, responses=[3.0] * 19, stop_at=32_000)
+    # run.py's word for it: tested while the run was training, at 16,000 of 64,000.
+    make_run(str(tmp_path), "resnet110", n=18, responses=[4.0] * 109, stop_at=16_000,
+             tested=dict(iters=64_000, final_weights=False, in_training=True))
+    # Even once the run has finished since: the test.json is not of its final weights.
+    make_run(str(tmp_path), "plain56", n=9, plain=True, responses=[5.0] * 55,
+             tested=dict(iteration=48_000, iters=64_000, final_weights=False, in_training=True))
+    top, _ = plot_curves.figure7(plot_curves.find_runs(str(tmp_path))).axes
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["ResNet-20", "ResNet-56"]
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "left out of Figure 7" in line]
+    assert len(warnings) == 3
+    plain20, plain56, resnet110 = warnings  # in folder order
+    assert os.path.join(tmp_path, "plain20", "test.json") in plain20
+    assert "not of the run's final weights of iteration 32,000 of 64,000;" in plain20
+    assert "iteration 48,000 of 64,000, tested while the run was training" in plain56
+    assert "iteration 16,000 of 64,000, tested while the run was training" in resnet110
+
+
+def test_figure7_left_out_when_no_test_json_is_of_final_weights(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20", responses=[1.0] * 19, stop_at=6_400)
+    assert plot_curves.figure7(plot_curves.find_runs(str(tmp_path))) is None
+    captured = capsys.readouterr()
+    assert "left out of Figure 7" in captured.err and "figure 7 left out" in captured.out
 
 
 def test_figure7_has_a_column_per_schedule_on_log_axes(tmp_path):

@@ -1,5 +1,7 @@
-"""run.py N test: finding the run without retyping its flags."""
+"""run.py N test: finding the run without retyping its flags, and testing a run that another
+process is still training."""
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -85,3 +87,53 @@ def test_checkpoint_may_be_a_run_folder(logdir, tmp_path):
     shared.mkdir()
     shutil.copyfile(os.path.join(folder, "model.pt"), shared / "model.pt")
     assert found("1", "test", "--checkpoint", str(shared)) == str(shared / "model.pt")
+
+
+@pytest.fixture
+def in_training(logdir):
+    """The stopped run's folder, locked as run.py's training holds it (pid 4242)."""
+    folder = logdir / "resnet8-iters12-lr0.05"
+    with open(folder / ".lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write("4242")
+        lock.flush()
+        yield folder
+
+
+def test_training_process_looks_at_the_lock_without_taking_or_making_one(in_training, tmp_path):
+    assert run.training_process(str(in_training)) == "4242"
+    assert run.training_process(str(tmp_path)) is None
+    assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_test_of_a_run_in_training_says_so_and_plot_curves_leaves_it_out(
+        in_training, logdir, synthetic_cifar, capsys):
+    with few_test_images():
+        assert run.main(["1", "test", "--logdir", str(logdir), "--name", in_training.name,
+                         "--data-dir", synthetic_cifar]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: {in_training} is being trained by another process (pid 4242): testing its "
+            "checkpoint of iteration 4 of 12, not the run's final weights") in out
+    with open(in_training / "test.json") as f:
+        report = json.load(f)
+    assert (report["iteration"], report["iters"], report["final_weights"],
+            report["in_training"]) == (4, 12, False, True)
+    assert plot_curves.main(["--logdir", str(logdir), "--out", str(logdir / "out")]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {in_training}/test.json: not of the run's final weights of iteration 4 "
+            "of 12, tested while the run was training; left out of Figure 7") in err
+
+
+def test_test_of_finished_weights_says_they_are_final(logdir, synthetic_cifar, capsys):
+    folder = logdir / "resnet8-iters12"
+    with few_test_images():
+        assert run.main(["1", "test", "--checkpoint", str(folder), "--data-dir",
+                         synthetic_cifar]) == 0
+    assert "note:" not in capsys.readouterr().out
+    with open(folder / "test.json") as f:
+        report = json.load(f)
+    assert (report["iteration"], report["iters"], report["final_weights"],
+            report["in_training"]) == (12, 12, True, False)
+    assert report["checkpoint"] == str(folder / "checkpoint.pt")
