@@ -29,11 +29,13 @@ PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, 
                110: (6.43, (6.61, 0.16)), 1202: (7.93, None)}
 # run.py's recipe defaults, restated so that the table needs no torch import.
 PAPER_RECIPE = dict(lr=0.1, batch_size=128, weight_decay=1e-4, momentum=0.9, warmup="auto",
-                    val_size=0)
+                    val_size=0, dataset="cifar10")
 PAPER_SCHEDULE = (64_000, (32_000, 48_000))
 # run.py's EXPERIMENT_KEYS but the seed: runs that agree on these are seeds of one configuration.
 CONFIG_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-               "weight_decay", "momentum", "val_size", "warmup", "amp")
+               "weight_decay", "momentum", "val_size", "warmup", "amp", "dataset")
+# run.py's ADDED_KEYS: settings that config.json files written before them lack, and their value.
+ADDED_KEYS = {"dataset": "cifar10"}
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
@@ -162,9 +164,11 @@ def find_runs(logdir):
         if not os.path.exists(config_path):
             warn(f"{folder}: no config.json, not a run folder; skipped")
             continue
-        config = read_json(config_path, CONFIG_KEYS + ("seed", "params"))
+        required = tuple(k for k in CONFIG_KEYS if k not in ADDED_KEYS) + ("seed", "params")
+        config = read_json(config_path, required)
         if config is None:
             continue  # read_json said why
+        config = {**config, **{k: v for k, v in ADDED_KEYS.items() if k not in config}}
         run = Run(folder, config,
                   read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
                   read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),

@@ -17,12 +17,12 @@ PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19
 
 
 def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
-             final=8.0, stop_at=None, events=True, responses=None, tested=None):
+             final=8.0, stop_at=None, events=True, responses=None, dataset=None, tested=None):
     """A run folder as run.py writes it, with synthetic curves that end at `final` % test error:
     training error every iters/10 iterations, test error every iters/4.
     stop_at: the run was interrupted there (no result.json). responses: a test.json with these
     layer responses, of the last iteration, in the format of the published ones (without the
-    fields of `tested`, which it adds)."""
+    fields of `tested`, which it adds). dataset: in config.json (older ones have none)."""
     folder = os.path.join(logdir, name)
     os.makedirs(folder)
     milestones = [32_000, 48_000] if iters == 64_000 else [iters // 2, iters * 3 // 4]
@@ -30,6 +30,8 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
                   batch_size=128, weight_decay=1e-4, momentum=0.9, seed=seed, val_size=0,
                   warmup="auto", amp=amp, depth=6 * n + 2, params=PARAMS[n], name=name,
                   eval_every=iters // 4, log_every=iters // 10, start={}, resumes=[])
+    if dataset is not None:
+        config["dataset"] = dataset
     write_json(os.path.join(folder, "config.json"), config)
     end = stop_at or iters
     if events:
@@ -153,6 +155,15 @@ def test_paper_figure_only_beside_runs_of_its_recipe_and_whole_schedule(tmp_path
     assert row(table, "ResNet (bf16, 6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == \
         ["13.20", "-", "-"]
     assert row(table, "ResNet (lr 0.2)", 20)[3:6] == ["8.50", "-", "-"]
+
+
+def test_cifar100_runs_are_their_own_rows_without_the_papers_figure(tmp_path):
+    make_run(str(tmp_path), "resnet20", final=8.0, events=False)  # config.json without dataset
+    make_run(str(tmp_path), "resnet20-seed1", seed=1, final=9.0, dataset="cifar10", events=False)
+    make_run(str(tmp_path), "resnet20-cifar100", final=31.0, dataset="cifar100", events=False)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet", 20)[3:7] == ["8.00 (8.50±0.71)", "8.75", "-0.75", "2"]
+    assert row(table, "ResNet (dataset cifar100)", 20)[3:7] == ["31.00", "-", "-", "1"]
 
 
 def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
@@ -408,6 +419,7 @@ def test_bad_ylim_is_a_usage_error(capsys):
 def test_restated_recipe_matches_run_py():
     import run
     assert plot_curves.CONFIG_KEYS == tuple(k for k in run.EXPERIMENT_KEYS if k != "seed")
+    assert plot_curves.ADDED_KEYS == run.ADDED_KEYS
     defaults = run.parse_args(["3", "train"])
     assert {k: getattr(defaults, k) for k in plot_curves.PAPER_RECIPE} == plot_curves.PAPER_RECIPE
     assert plot_curves.PAPER_SCHEDULE == (run.PAPER["iters"], run.PAPER["milestones"])
