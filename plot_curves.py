@@ -6,8 +6,8 @@ Recognition" (Section 4.2, CIFAR-10), drawn from the run folders of `run.py`.
 
 Figure 6: training curves of plain nets, ResNets, and ResNet-110 vs ResNet-1202 (event files),
 a row of panels per schedule; the paper's schedule in the paper's layout, with its final errors.
-Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json), a column of
-panels per schedule.
+Figure 7: std of the 3x3 layers' responses, in network order and sorted (test.json of the run's
+final weights only), a column of panels per schedule.
 Table 6: our test errors next to the paper's (result.json). Runs are grouped by configuration
 (config.json: everything but the seed), never by folder name; unfinished runs are reported apart.
 """
@@ -29,11 +29,13 @@ PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, 
                110: (6.43, (6.61, 0.16)), 1202: (7.93, None)}
 # run.py's recipe defaults, restated so that the table needs no torch import.
 PAPER_RECIPE = dict(lr=0.1, batch_size=128, weight_decay=1e-4, momentum=0.9, warmup="auto",
-                    val_size=0)
+                    val_size=0, dataset="cifar10")
 PAPER_SCHEDULE = (64_000, (32_000, 48_000))
 # run.py's EXPERIMENT_KEYS but the seed: runs that agree on these are seeds of one configuration.
 CONFIG_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-               "weight_decay", "momentum", "val_size", "warmup", "amp")
+               "weight_decay", "momentum", "val_size", "warmup", "amp", "dataset")
+# run.py's ADDED_KEYS: settings that config.json files written before them lack, and their value.
+ADDED_KEYS = {"dataset": "cifar10"}
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
@@ -73,6 +75,15 @@ class Run:
         if self.result is not None:
             return self.result["iterations"]
         return max((steps[-1] for steps, _ in self.scalars.values()), default=0)
+
+    @property
+    def tested_final_weights(self):
+        """Whether test.json is of the run's final weights. run.py says so in it since it tests
+        runs in training; the test.json files written before were all of final weights, and are
+        recognised by their iteration, the run's last."""
+        if "final_weights" in self.test:
+            return self.test["final_weights"] is True
+        return self.test.get("iteration") == self.config["iters"]
 
     def test_error(self):
         """(error %, iteration): the final one, or for an unfinished run its last evaluation."""
@@ -153,9 +164,11 @@ def find_runs(logdir):
         if not os.path.exists(config_path):
             warn(f"{folder}: no config.json, not a run folder; skipped")
             continue
-        config = read_json(config_path, CONFIG_KEYS + ("seed", "params"))
+        required = tuple(k for k in CONFIG_KEYS if k not in ADDED_KEYS) + ("seed", "params")
+        config = read_json(config_path, required)
         if config is None:
             continue  # read_json said why
+        config = {**config, **{k: v for k, v in ADDED_KEYS.items() if k not in config}}
         run = Run(folder, config,
                   read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
                   read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
@@ -422,7 +435,17 @@ def figure7(runs):
     values stay apart; one column per schedule, so that nets trained for different lengths
     never share a panel."""
     columns, other_nets = {}, []  # schedule -> [(run, seeds)]
-    for runs_of_config in group([r for r in runs if r.test is not None]):
+    tested = [r for r in runs if r.test is not None]
+    for run in tested:
+        if not run.tested_final_weights:
+            iteration, iters = run.test.get("iteration"), run.config["iters"]
+            where = "" if iteration is None else f" of iteration {iteration:,} of {iters:,}"
+            if run.test.get("in_training"):
+                where += ", tested while the run was training"
+            warn(f"{os.path.join(run.folder, 'test.json')}: not of the run's final weights"
+                 f"{where}; left out of Figure 7 (`run.py N test` again once the run has "
+                 "finished)")
+    for runs_of_config in group([r for r in tested if r.tested_final_weights]):
         run, count = median_run(runs_of_config, lambda r: r.test["test_error"])
         if (run.config["plain"], run.depth) not in FIGURE7_NETS:
             other_nets.append(label(run.config))

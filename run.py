@@ -3,6 +3,7 @@
     python run.py 3 train            # ResNet-20 with the paper's recipe, in logs/resnet20/
     python run.py 3 test             # its test error, per-class errors and layer responses
     python run.py 9 train --plain    # plain-56
+    python run.py 3 train --dataset cifar100   # the same net on CIFAR-100's 100 classes
 
 N is the number of blocks per stage (depth 6N+2). Running the same command again resumes the run
 from its checkpoint. Everything else is a flag; the defaults are the paper's.
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -45,7 +47,11 @@ PAPER = dict(
 WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
 # Settings that define the experiment: a resume must not change them.
 EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp")
+                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp", "dataset")
+# Experiment settings added since the first checkpoints, with the value every run had before:
+# a checkpoint or config.json without one reads as that value (and keeps its digest), so that
+# older runs still resume and their weights still test.
+ADDED_KEYS = {"dataset": "cifar10"}
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
 # both also hold "digest", the sha256 of the rest (tensor_digest).
 CHECKPOINT_FORMAT = 1
@@ -100,7 +106,9 @@ def build_parser():
     p.add_argument("mode", choices=("train", "test"),
                    help="train: train with the recipe below in <logdir>/<name>, resuming its "
                         "checkpoint if there is one; test: evaluate a run's checkpoint on the "
-                        "test set (error, per-class errors, layer responses) into test.json")
+                        "test set (error, per-class errors, layer responses) into test.json; "
+                        "without <logdir>/<name>, the only run under --logdir of the network "
+                        "and settings given")
     net = p.add_argument_group("network")
     net.add_argument("--plain", action="store_true", help="no shortcuts (the paper's plain nets)")
     net.add_argument("--shortcut", choices=("A", "B"), default="A",
@@ -128,10 +136,13 @@ def build_parser():
     rec.add_argument("--amp", choices=("none", "bf16"), default="none",
                      help="bf16 autocast with float32 weights and BN statistics")
     data = p.add_argument_group("data and run folder")
-    data.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR") or
-                      os.path.join("data", "cifar-10-batches-bin"),
-                      help="folder of the binary batches (default: $CIFAR10_DIR, else "
-                           "data/cifar-10-batches-bin; here: %(default)s)")
+    data.add_argument("--dataset", choices=tuple(cifar_binary.DATASETS), default="cifar10",
+                      help="cifar100: train and test on CIFAR-100's 100 fine labels")
+    data.add_argument("--data-dir", default=None,
+                      help="folder of the binary files (default: $CIFAR10_DIR, else "
+                           "data/cifar-10-batches-bin; with --dataset cifar100: $CIFAR100_DIR, "
+                           f"else data/cifar-100-binary; here: {default_data_dir('cifar10')} "
+                           f"and {default_data_dir('cifar100')})")
     data.add_argument("--download", action="store_true", help="fetch the official archive first")
     data.add_argument("--logdir", default="logs", help="folder of the run folders")
     data.add_argument("--name", default=None,
@@ -140,7 +151,8 @@ def build_parser():
     data.add_argument("--fresh", action="store_true",
                       help="start over; an existing run folder is moved to <logdir>/.replaced/")
     data.add_argument("--checkpoint", default=None,
-                      help="test: evaluate this checkpoint file (default: the run folder's)")
+                      help="test: evaluate this checkpoint file, or this run folder's "
+                           "checkpoint.pt (model.pt if it has none) (default: the run folder's)")
     ops = p.add_argument_group("monitoring and machine")
     ops.add_argument("--eval-every", type=positive_int, default=1000,
                      help="evaluate on the test set every K iterations")
@@ -168,6 +180,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or default_data_dir(args.dataset)
     if args.milestones is None:
         args.milestones = default_milestones(args.iters)
     if any(b <= a for a, b in zip(args.milestones, args.milestones[1:])):
@@ -227,6 +240,8 @@ def default_name(args):
     parts = [f"{'plain' if args.plain else 'resnet'}{depth_of(args.n)}"]
     if args.shortcut != "A" and not args.plain:
         parts.append(args.shortcut)
+    if args.dataset != "cifar10":  # the paper's
+        parts.append(args.dataset)
     if args.amp != "none":
         parts.append(args.amp)
     if args.iters != PAPER["iters"]:
@@ -244,6 +259,12 @@ def default_name(args):
     if args.seed:
         parts.append(f"seed{args.seed}")
     return "-".join(parts)
+
+
+def default_data_dir(dataset):
+    """$CIFAR10_DIR or $CIFAR100_DIR (the data set's env_var), else data/<its archive's folder>."""
+    ds = cifar_binary.get_dataset(dataset)
+    return os.environ.get(ds.env_var) or os.path.join("data", ds.archive_dir)
 
 
 def default_milestones(iters):
@@ -332,7 +353,8 @@ def autocast(device, amp):
 
 @torch.inference_mode()
 def evaluate(model, images, labels, mean, amp):
-    """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split.
+    """Error (%), mean loss and per-class error (%) of `model` in eval mode on a whole split,
+    one class per output of the network (10 for CIFAR-10, 100 for CIFAR-100).
     Under torchrun each process takes every world-size-th image and the sums are all-reduced."""
     was_training = model.training
     model.eval()
@@ -341,19 +363,22 @@ def evaluate(model, images, labels, mean, amp):
     batch_size = 128 if device.type == "cpu" else 1000
     sharded = dist.is_initialized()
     mine = slice(dist.get_rank(), None, dist.get_world_size()) if sharded else slice(None)
-    sums = torch.zeros(11, dtype=torch.float64, device=device)  # errors per class, loss
+    classes = None  # the network's outputs, known from its first batch
     for start in range(0, len(images[mine]), batch_size):
         x = cifar_binary.normalize(images[mine][start:start + batch_size], mean)
         y = labels[mine][start:start + batch_size]
         with autocast(device, amp):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        sums[:10] += torch.bincount(y[logits.argmax(1) != y], minlength=10)
-        sums[10] += F.cross_entropy(logits, y, reduction="sum")
+        if classes is None:  # the errors of each class, then the loss
+            classes = logits.shape[1]
+            sums = torch.zeros(classes + 1, dtype=torch.float64, device=device)
+        sums[:classes] += torch.bincount(y[logits.argmax(1) != y], minlength=classes)
+        sums[classes] += F.cross_entropy(logits, y, reduction="sum")
     if sharded:
         dist.all_reduce(sums)
     model.train(was_training)
-    wrong, loss_sum = sums[:10], sums[10].item()
-    per_class = torch.bincount(labels, minlength=10).clamp_min(1)
+    wrong, loss_sum = sums[:classes], sums[classes].item()
+    per_class = torch.bincount(labels, minlength=classes).clamp_min(1)
     return {"error": 100.0 * wrong.sum().item() / len(images), "loss": loss_sum / len(images),
             "per_class_error": (100.0 * wrong / per_class).tolist()}
 
@@ -362,7 +387,8 @@ def evaluate(model, images, labels, mean, amp):
 
 def tensor_digest(state):
     """sha256 of every value in a checkpoint, tensors byte for byte, in a fixed order: a byte
-    damaged on disk inside a tensor (which torch.load does not notice) changes it."""
+    damaged on disk inside a tensor (which torch.load does not notice) changes it. A setting of
+    ADDED_KEYS at its default counts as absent, as in the checkpoints written before it."""
     digest = hashlib.sha256()
 
     def visit(value):
@@ -378,8 +404,21 @@ def tensor_digest(state):
                 visit(item)
         else:
             digest.update(repr(value).encode())
-    visit({k: v for k, v in state.items() if k != "digest"})
+    visit({k: without_added_defaults(v) if k == "config" else v
+           for k, v in state.items() if k != "digest"})
     return digest.hexdigest()
+
+
+def with_added_defaults(config):
+    """An experiment configuration (a checkpoint's, config.json's) as of today: every key of
+    ADDED_KEYS that it lacks at the value runs had before the key was added."""
+    return {**config, **{k: v for k, v in ADDED_KEYS.items() if k not in config}}
+
+
+def without_added_defaults(config):
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def on_cpu(value):
@@ -409,8 +448,9 @@ def save_checkpoint(path, state, keys=CHECKPOINT_KEYS):
 
 
 def load_checkpoint(path, keys=MODEL_KEYS):
-    """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise.
-    Its digest is checked by `verify_digest` once its contents were found to fit."""
+    """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise;
+    its configuration with_added_defaults. Its digest is checked by `verify_digest` once its
+    contents were found to fit."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -423,10 +463,12 @@ def load_checkpoint(path, keys=MODEL_KEYS):
             and all(isinstance(state[key], CHECKPOINT_TYPES[key]) if key in state
                     else key in SINCE_LATER for key in keys)
             and type(state["iteration"]) is int and state["iteration"] >= 0
-            and set(EXPERIMENT_KEYS) <= state["config"].keys()
+            and set(EXPERIMENT_KEYS) <= with_added_defaults(state["config"]).keys()
+            and with_added_defaults(state["config"])["dataset"] in cifar_binary.DATASETS
             and state["per_pixel_mean"].shape == (3, 32, 32)):
         raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
                        f"{'/'.join(keys[1:])}); pass --fresh to start the run over")
+    state["config"] = with_added_defaults(state["config"])
     return state
 
 
@@ -530,8 +572,8 @@ def fetch_data(args, world):
 
 def load_data(args, split):
     if args.download:
-        cifar_binary.download(args.data_dir)
-    return cifar_binary.load_split(args.data_dir, split)
+        cifar_binary.download(args.data_dir, dataset=args.dataset)
+    return cifar_binary.load_split(args.data_dir, split, dataset=args.dataset)
 
 
 @dataclasses.dataclass
@@ -554,7 +596,8 @@ class Splits:
 
 
 def build_model(config, device):
-    model = ResNet(config["n"], plain=config["plain"], shortcut=config["shortcut"])
+    model = ResNet(config["n"], plain=config["plain"], shortcut=config["shortcut"],
+                   num_classes=cifar_binary.get_dataset(config["dataset"]).num_classes)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -569,7 +612,11 @@ def experiment_config(args):
 
 def describe(config):
     net = f"{'plain' if config['plain'] else 'ResNet'}-{depth_of(config['n'])}"
-    return net if config["plain"] else f"{net} (option {config['shortcut']})"
+    net = net if config["plain"] else f"{net} (option {config['shortcut']})"
+    dataset = with_added_defaults(config)["dataset"]
+    if dataset != "cifar10":
+        net += f" on {cifar_binary.get_dataset(dataset).name}"
+    return net
 
 
 def report(config, params, test_result):
@@ -1006,33 +1053,161 @@ def train(args):
 
 def test(args):
     device = setup_machine(args, World())  # one process, even under torchrun
-    path = args.checkpoint or os.path.join(args.logdir, args.name, "checkpoint.pt")
+    path = checkpoint_to_test(args)
     state = load_checkpoint(path)
     config = state["config"]
-    asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut}
+    asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut, "dataset": args.dataset}
     if any(config[k] != v for k, v in asked.items()):
         raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
-                       f"{describe(asked)}; pass the matching N/--plain/--shortcut")
+                       f"{describe(asked)}; pass the matching N/--plain/--shortcut/--dataset")
     model = build_model(config, device)
     with checkpoint_must_fit(path, config):
         model.load_state_dict(state["model"])
     verify_digest(path, state)
+    # Whether these are the run's final weights, and whether another process still trains it.
+    folder, iteration = os.path.dirname(os.path.abspath(path)), state["iteration"]
+    final, trainer = iteration >= config["iters"], training_process(folder)
+    if trainer is not None or not final:
+        print(f"note: {folder} is " + (f"being trained by another process (pid {trainer})"
+                                       if trainer is not None else "unfinished")
+              + f": testing its checkpoint of iteration {iteration:,} of {config['iters']:,}, "
+              + ("the run's final weights" if final else "not the run's final weights"))
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
+    classes = cifar_binary.get_dataset(config["dataset"]).classes
     test_report = {**report(config, count_parameters(model), result),
-                   "per_class_error": dict(zip(cifar_binary.CLASSES, result["per_class_error"])),
-                   "iteration": state["iteration"], "checkpoint": path,  # as given: reproducible
+                   "dataset": config["dataset"],
+                   "per_class_error": dict(zip(classes, result["per_class_error"])),
+                   "iteration": iteration, "iters": config["iters"], "final_weights": final,
+                   "in_training": trainer is not None,
+                   "checkpoint": path,  # as given: reproducible
                    "layer_responses": responses.std()}
-    print(f"{describe(config)}, iteration {state['iteration']}: test error "
+    print(f"{describe(config)}, iteration {iteration}: test error "
           f"{result['error']:.2f}% ({len(images):,} images)")
-    for name, error in test_report["per_class_error"].items():
-        print(f"  {name:<10} {error:5.1f}%")
-    out = os.path.join(os.path.dirname(os.path.abspath(path)), "test.json")
+    per_class = list(test_report["per_class_error"].items())
+    if len(per_class) > 10:  # CIFAR-100: the extremes; all of them are in test.json
+        per_class = sorted(per_class, key=lambda item: item[1])
+        per_class = per_class[:5] + [("...", None)] + per_class[-5:]
+    for name, error in per_class:
+        print(f"  {name:<10} {error:5.1f}%" if error is not None else f"  {name}")
+    out = os.path.join(folder, "test.json")
     write_json(out, test_report)
     print(f"wrote {out}")
     return 0
+
+
+def checkpoint_to_test(args):
+    """The checkpoint `test` evaluates: --checkpoint (a file, or a run folder); else the run
+    folder the flags name; else, when there is none and --name was not given, the only run
+    folder under --logdir that matches the command (N, --plain, --shortcut, --dataset, and each
+    other experiment setting it gives a value other than the default), saying which."""
+    if args.checkpoint:
+        if os.path.isdir(args.checkpoint):
+            return checkpoint_in(args.checkpoint)
+        return args.checkpoint
+    folder = os.path.join(args.logdir, args.name)
+    if os.path.isdir(folder) or args.name != default_name(args):
+        return checkpoint_in(folder)
+    asked = asked_settings(args)
+    wanted = describe(asked) + "".join(f", {k} {v}" for k, v in asked.items()
+                                       if k not in ("n", "plain", "shortcut", "dataset"))
+    runs = [run for run in testable_runs(args.logdir)
+            if all(run.config[k] == v for k, v in asked.items())]
+    if len(runs) == 1:
+        print(f"no run folder {folder}: testing {runs[0].folder}, the only run of {wanted} "
+              f"under {args.logdir}")
+        return runs[0].checkpoint
+    if not runs:
+        raise RunError(f"{folder}: no run there, nor any other run of {wanted} with a "
+                       f"checkpoint under {args.logdir}; pass the run's --name, or --checkpoint")
+    raise RunError("\n".join([f"{len(runs)} runs of {wanted} under {args.logdir}; pass the "
+                              "--name of the one to test:"] + [f"  {run}" for run in runs]))
+
+
+def checkpoint_in(folder):
+    """A run folder's checkpoint.pt: its latest weights, while it trains, and its final ones
+    (the same as model.pt's) once it finished; model.pt in a folder without one (a published
+    or shared run)."""
+    checkpoint = os.path.join(folder, "checkpoint.pt")
+    model = os.path.join(folder, "model.pt")
+    return model if os.path.exists(model) and not os.path.exists(checkpoint) else checkpoint
+
+
+def asked_settings(args):
+    """The experiment settings a command gives: N, --plain, --shortcut and --dataset, and every
+    other one that differs from its default."""
+    defaults = vars(build_parser().parse_args([str(args.n), args.mode]))
+    defaults["milestones"] = default_milestones(args.iters)
+    return {k: getattr(args, k) for k in EXPERIMENT_KEYS
+            if k in ("n", "plain", "shortcut", "dataset") or getattr(args, k) != defaults[k]}
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """A run folder with a checkpoint to test, as a line that says where the run stands."""
+    folder: str
+    config: dict
+    checkpoint: str
+
+    def __str__(self):
+        result = read_json_or_none(os.path.join(self.folder, "result.json")) or {}
+        if isinstance(result.get("test_error"), (int, float)) and \
+                isinstance(result.get("iterations"), int):
+            return (f"{self.folder}: finished, {result['iterations']:,} iterations, test error "
+                    f"{result['test_error']:.2f}%")
+        try:
+            where = f"iteration {load_checkpoint(self.checkpoint)['iteration']:,}"
+        except RunError:
+            where = "unreadable checkpoint"
+        trainer = training_process(self.folder)
+        return (f"{self.folder}: {where} of {self.config['iters']:,}"
+                + (f", in training (pid {trainer})" if trainer is not None else ", unfinished"))
+
+
+def testable_runs(logdir):
+    """The run folders under `logdir` with a checkpoint, each with its experiment settings
+    (config.json's, else the checkpoint's), in name order; dot-folders (.replaced/) are not runs."""
+    runs = []
+    names = sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []
+    for name in names:
+        folder = os.path.join(logdir, name)
+        checkpoint = checkpoint_in(folder)
+        if name.startswith(".") or not os.path.isfile(checkpoint):
+            continue
+        config = with_added_defaults(read_json_or_none(os.path.join(folder, "config.json")) or {})
+        if not set(EXPERIMENT_KEYS) <= config.keys():
+            try:
+                config = load_checkpoint(checkpoint)["config"]
+            except RunError:
+                continue  # not a run of this project: nothing to test there
+        runs.append(RunFolder(folder, config, checkpoint))
+    return runs
+
+
+def read_json_or_none(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def training_process(folder):
+    """The pid (a string; "?" if unknown) of the process that trains in `folder`, which holds
+    the folder's lock (plumbing.run_folder), or None. Creates no lock file."""
+    try:
+        lock = open(os.path.join(folder, ".lock"))
+    except OSError:
+        return None  # never trained here: a published or copied folder
+    with lock:  # closing it releases the shared lock we may get
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return lock.read().strip() or "?"
+    return None
 
 
 def main(argv=None):

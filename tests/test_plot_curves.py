@@ -17,10 +17,12 @@ PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19
 
 
 def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
-             final=8.0, stop_at=None, events=True, responses=None):
+             final=8.0, stop_at=None, events=True, responses=None, dataset=None, tested=None):
     """A run folder as run.py writes it, with synthetic curves that end at `final` % test error:
     training error every iters/10 iterations, test error every iters/4.
-    stop_at: the run was interrupted there (no result.json)."""
+    stop_at: the run was interrupted there (no result.json). responses: a test.json with these
+    layer responses, of the last iteration, in the format of the published ones (without the
+    fields of `tested`, which it adds). dataset: in config.json (older ones have none)."""
     folder = os.path.join(logdir, name)
     os.makedirs(folder)
     milestones = [32_000, 48_000] if iters == 64_000 else [iters // 2, iters * 3 // 4]
@@ -28,6 +30,8 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
                   batch_size=128, weight_decay=1e-4, momentum=0.9, seed=seed, val_size=0,
                   warmup="auto", amp=amp, depth=6 * n + 2, params=PARAMS[n], name=name,
                   eval_every=iters // 4, log_every=iters // 10, start={}, resumes=[])
+    if dataset is not None:
+        config["dataset"] = dataset
     write_json(os.path.join(folder, "config.json"), config)
     end = stop_at or iters
     if events:
@@ -43,10 +47,10 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
             test_error=final, test_loss=0.3, iterations=iters, depth=6 * n + 2, params=PARAMS[n],
             plain=plain, shortcut=shortcut, seed=seed, amp=amp, warmup_end=None))
     if responses is not None:
-        write_json(os.path.join(folder, "test.json"), dict(
+        write_json(os.path.join(folder, "test.json"), dict(dict(
             test_error=final, per_class_error={}, iteration=end, params=PARAMS[n],
             depth=6 * n + 2, plain=plain, shortcut=shortcut, checkpoint="checkpoint.pt",
-            layer_responses=responses))
+            layer_responses=responses), **(tested or {})))
     return folder
 
 
@@ -151,6 +155,15 @@ def test_paper_figure_only_beside_runs_of_its_recipe_and_whole_schedule(tmp_path
     assert row(table, "ResNet (bf16, 6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == \
         ["13.20", "-", "-"]
     assert row(table, "ResNet (lr 0.2)", 20)[3:6] == ["8.50", "-", "-"]
+
+
+def test_cifar100_runs_are_their_own_rows_without_the_papers_figure(tmp_path):
+    make_run(str(tmp_path), "resnet20", final=8.0, events=False)  # config.json without dataset
+    make_run(str(tmp_path), "resnet20-seed1", seed=1, final=9.0, dataset="cifar10", events=False)
+    make_run(str(tmp_path), "resnet20-cifar100", final=31.0, dataset="cifar100", events=False)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet", 20)[3:7] == ["8.00 (8.50±0.71)", "8.75", "-0.75", "2"]
+    assert row(table, "ResNet (dataset cifar100)", 20)[3:7] == ["31.00", "-", "-", "1"]
 
 
 def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
@@ -307,6 +320,37 @@ def test_figure7_draws_network_order_on_top_and_sorted_below(tmp_path, capsys):
     assert bottom.get_xlabel() == "layer index (sorted by magnitude)"
 
 
+def test_figure7_leaves_out_test_json_not_of_the_final_weights_and_says_so(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20", responses=[1.0] * 19, events=False)  # published format
+    make_run(str(tmp_path), "resnet56", n=9, responses=[2.0] * 55, events=False,
+             tested=dict(iters=64_000, final_weights=True, in_training=False))
+    # A test.json of iteration 32,000 in the published format: tested before the run finished.
+    make_run(str(tmp_path), "plain20", plain=True, responses=[3.0] * 19, stop_at=32_000)
+    # run.py's word for it: tested while the run was training, at 16,000 of 64,000.
+    make_run(str(tmp_path), "resnet110", n=18, responses=[4.0] * 109, stop_at=16_000,
+             tested=dict(iters=64_000, final_weights=False, in_training=True))
+    # Even once the run has finished since: the test.json is not of its final weights.
+    make_run(str(tmp_path), "plain56", n=9, plain=True, responses=[5.0] * 55,
+             tested=dict(iteration=48_000, iters=64_000, final_weights=False, in_training=True))
+    top, _ = plot_curves.figure7(plot_curves.find_runs(str(tmp_path))).axes
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["ResNet-20", "ResNet-56"]
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if "left out of Figure 7" in line]
+    assert len(warnings) == 3
+    plain20, plain56, resnet110 = warnings  # in folder order
+    assert os.path.join(tmp_path, "plain20", "test.json") in plain20
+    assert "not of the run's final weights of iteration 32,000 of 64,000;" in plain20
+    assert "iteration 48,000 of 64,000, tested while the run was training" in plain56
+    assert "iteration 16,000 of 64,000, tested while the run was training" in resnet110
+
+
+def test_figure7_left_out_when_no_test_json_is_of_final_weights(tmp_path, capsys):
+    make_run(str(tmp_path), "resnet20", responses=[1.0] * 19, stop_at=6_400)
+    assert plot_curves.figure7(plot_curves.find_runs(str(tmp_path))) is None
+    captured = capsys.readouterr()
+    assert "left out of Figure 7" in captured.err and "figure 7 left out" in captured.out
+
+
 def test_figure7_has_a_column_per_schedule_on_log_axes(tmp_path):
     make_run(str(tmp_path), "resnet20", responses=[0.8] * 19, events=False)
     make_run(str(tmp_path), "resnet20-iters6400", iters=6400, responses=[0.9] * 19, events=False)
@@ -375,6 +419,7 @@ def test_bad_ylim_is_a_usage_error(capsys):
 def test_restated_recipe_matches_run_py():
     import run
     assert plot_curves.CONFIG_KEYS == tuple(k for k in run.EXPERIMENT_KEYS if k != "seed")
+    assert plot_curves.ADDED_KEYS == run.ADDED_KEYS
     defaults = run.parse_args(["3", "train"])
     assert {k: getattr(defaults, k) for k in plot_curves.PAPER_RECIPE} == plot_curves.PAPER_RECIPE
     assert plot_curves.PAPER_SCHEDULE == (run.PAPER["iters"], run.PAPER["milestones"])

@@ -36,7 +36,11 @@ def test_published_weights_match_their_sha256():
 def test_published_weights_are_the_finished_full_schedule_resnet20():
     state = run.load_checkpoint(os.path.join(FULL_SCHEDULE, "model.pt"))
     config, result = state["config"], read_json(FULL_SCHEDULE, "result.json")
-    assert config == {k: read_json(FULL_SCHEDULE, "config.json")[k] for k in run.EXPERIMENT_KEYS}
+    # Written before --dataset: both read as CIFAR-10 (run.ADDED_KEYS).
+    assert config["dataset"] == "cifar10"
+    assert config == run.with_added_defaults(
+        {k: v for k, v in read_json(FULL_SCHEDULE, "config.json").items()
+         if k in run.EXPERIMENT_KEYS})
     assert (config["n"], config["plain"], config["shortcut"]) == (3, False, "A")
     assert config["iters"] == state["iteration"] == result["iterations"] == 64_000
     assert config["milestones"] == [32_000, 48_000]

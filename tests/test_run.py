@@ -104,9 +104,25 @@ def test_shorter_schedule_keeps_the_milestone_fractions():
     (["3", "train", "--amp", "bf16", "--iters", "6400"], "resnet20-bf16-iters6400"),
     (["3", "train", "--milestones", "30000", "50000"], "resnet20-ms30000-50000"),
     (["3", "train", "--val-size", "5000", "--lr", "0.05"], "resnet20-lr0.05-val5000"),
+    (["3", "train", "--dataset", "cifar100"], "resnet20-cifar100"),
+    (["3", "train", "--dataset", "cifar100", "--shortcut", "B", "--amp", "bf16"],
+     "resnet20-B-cifar100-bf16"),
 ])
 def test_run_names_follow_the_configuration(argv, name):
     assert run.parse_args(argv).name == name
+
+
+def test_data_dir_defaults_to_the_data_sets_own_variable_or_folder(monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    monkeypatch.setenv("CIFAR100_DIR", "/data/c100")
+    assert run.parse_args(["3", "train"]).data_dir == os.path.join("data", "cifar-10-batches-bin")
+    assert run.parse_args(["3", "train", "--dataset", "cifar100"]).data_dir == "/data/c100"
+    monkeypatch.delenv("CIFAR100_DIR")
+    monkeypatch.setenv("CIFAR10_DIR", "/data/c10")
+    assert run.parse_args(["3", "train"]).data_dir == "/data/c10"
+    assert run.parse_args(["3", "train", "--dataset", "cifar100"]).data_dir == \
+        os.path.join("data", "cifar-100-binary")
+    assert run.parse_args(["3", "train", "--data-dir", "here"]).data_dir == "here"
 
 
 @pytest.mark.parametrize("argv, complaint", [
@@ -123,6 +139,7 @@ def test_run_names_follow_the_configuration(argv, name):
     (["3", "train", "--name", "../elsewhere"], "--name"),
     (["3", "train", "--device", "tpu"], "--device"),
     (["3", "train", "--plain", "--shortcut", "B"], "a plain net (--plain) has no shortcuts"),
+    (["3", "train", "--dataset", "imagenet"], "--dataset"),
 ])
 def test_bad_flags_are_usage_errors(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,139 @@
+"""run.py N test: finding the run without retyping its flags, and testing a run that another
+process is still training."""
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+
+import pytest
+
+import plot_curves
+import run
+from test_run import TINY, sigterm_after, train
+
+
+@contextlib.contextmanager
+def few_test_images():
+    """Evaluations on the first 500 test images: these tests are about which weights are
+    tested, not about the evaluation."""
+    real = run.load_data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "load_data", lambda args, split: tuple(
+            t[:500] if split == "test" else t for t in real(args, split)))
+        yield
+
+
+@pytest.fixture(scope="module")
+def logdir(synthetic_cifar, tmp_path_factory):
+    """resnet8-iters12, finished; resnet8-iters12-seed1, the same run under another name; and
+    resnet8-iters12-lr0.05, stopped at iteration 4 of 12 (no evaluation was due before)."""
+    logdir = tmp_path_factory.mktemp("logs")
+    with few_test_images():
+        assert train(synthetic_cifar, logdir, "--eval-every", "1000") == 0
+    shutil.copytree(logdir / "resnet8-iters12", logdir / "resnet8-iters12-seed1")
+    with sigterm_after(4):
+        assert train(synthetic_cifar, logdir, "--lr", "0.05") == 128 + 15
+    return logdir
+
+
+def found(*argv):
+    """The checkpoint `run.py *argv` tests, without testing it."""
+    return run.checkpoint_to_test(run.parse_args(list(argv)))
+
+
+def test_test_without_the_training_flags_finds_the_only_matching_run(logdir, capsys):
+    # --lr 0.05 narrows the three runs of ResNet-8 down to the stopped one
+    path = found("1", "test", "--logdir", str(logdir), "--lr", "0.05")
+    assert path == os.path.join(logdir, "resnet8-iters12-lr0.05", "checkpoint.pt")
+    assert capsys.readouterr().out == (
+        f"no run folder {logdir}/resnet8-lr0.05: testing {logdir}/resnet8-iters12-lr0.05, the "
+        f"only run of ResNet-8 (option A), lr 0.05 under {logdir}\n")
+    assert found("1", "test", "--logdir", str(logdir), "--seed", "0", "--iters", "12") == \
+        os.path.join(logdir, "resnet8-iters12", "checkpoint.pt")  # the name the flags give
+
+
+def test_test_with_several_matching_runs_lists_them_and_asks_for_name(logdir, synthetic_cifar,
+                                                                     capsys):
+    before = set(os.listdir(logdir / "resnet8-iters12"))
+    assert run.main(["1", "test", "--logdir", str(logdir), "--data-dir", synthetic_cifar]) == 1
+    err = capsys.readouterr().err.splitlines()
+    with open(logdir / "resnet8-iters12" / "result.json") as f:
+        error = json.load(f)["test_error"]
+    assert err == [
+        f"error: 3 runs of ResNet-8 (option A) under {logdir}; pass the --name of the one to test:",
+        f"  {logdir}/resnet8-iters12: finished, 12 iterations, test error {error:.2f}%",
+        f"  {logdir}/resnet8-iters12-lr0.05: iteration 4 of 12, unfinished",
+        f"  {logdir}/resnet8-iters12-seed1: finished, 12 iterations, test error {error:.2f}%"]
+    assert set(os.listdir(logdir / "resnet8-iters12")) == before  # nothing tested
+
+
+def test_test_without_a_matching_run_says_so_in_one_line(logdir, synthetic_cifar, capsys):
+    assert run.main(["1", "test", "--plain", "--logdir", str(logdir),
+                     "--data-dir", synthetic_cifar]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {logdir}/plain8: no run there, nor any other run of plain-8 with a checkpoint "
+        f"under {logdir}; pass the run's --name, or --checkpoint\n")
+    assert run.main(["1", "test", "--logdir", str(logdir), "--name", "other",  # no search
+                     "--data-dir", synthetic_cifar]) == 1
+    assert capsys.readouterr().err == \
+        f"error: {logdir}/other/checkpoint.pt: no checkpoint there\n"
+
+
+def test_checkpoint_may_be_a_run_folder(logdir, tmp_path):
+    folder = str(logdir / "resnet8-iters12")
+    assert found("1", "test", "--checkpoint", folder) == os.path.join(folder, "checkpoint.pt")
+    shared = tmp_path / "shared"  # a published or shared run: model.pt only
+    shared.mkdir()
+    shutil.copyfile(os.path.join(folder, "model.pt"), shared / "model.pt")
+    assert found("1", "test", "--checkpoint", str(shared)) == str(shared / "model.pt")
+
+
+@pytest.fixture
+def in_training(logdir):
+    """The stopped run's folder, locked as run.py's training holds it (pid 4242)."""
+    folder = logdir / "resnet8-iters12-lr0.05"
+    with open(folder / ".lock", "r+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write("4242")
+        lock.flush()
+        yield folder
+
+
+def test_training_process_looks_at_the_lock_without_taking_or_making_one(in_training, tmp_path):
+    assert run.training_process(str(in_training)) == "4242"
+    assert run.training_process(str(tmp_path)) is None
+    assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_test_of_a_run_in_training_says_so_and_plot_curves_leaves_it_out(
+        in_training, logdir, synthetic_cifar, capsys):
+    with few_test_images():
+        assert run.main(["1", "test", "--logdir", str(logdir), "--name", in_training.name,
+                         "--data-dir", synthetic_cifar]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: {in_training} is being trained by another process (pid 4242): testing its "
+            "checkpoint of iteration 4 of 12, not the run's final weights") in out
+    with open(in_training / "test.json") as f:
+        report = json.load(f)
+    assert (report["iteration"], report["iters"], report["final_weights"],
+            report["in_training"]) == (4, 12, False, True)
+    assert plot_curves.main(["--logdir", str(logdir), "--out", str(logdir / "out")]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {in_training}/test.json: not of the run's final weights of iteration 4 "
+            "of 12, tested while the run was training; left out of Figure 7") in err
+
+
+def test_test_of_finished_weights_says_they_are_final(logdir, synthetic_cifar, capsys):
+    folder = logdir / "resnet8-iters12"
+    with few_test_images():
+        assert run.main(["1", "test", "--checkpoint", str(folder), "--data-dir",
+                         synthetic_cifar]) == 0
+    assert "note:" not in capsys.readouterr().out
+    with open(folder / "test.json") as f:
+        report = json.load(f)
+    assert (report["iteration"], report["iters"], report["final_weights"],
+            report["in_training"]) == (12, 12, True, False)
+    assert report["checkpoint"] == str(folder / "checkpoint.pt")
