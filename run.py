@@ -1217,7 +1217,9 @@ def main(argv=None):
     except (RunError, cifar_binary.DataError, OSError, torch.OutOfMemoryError) as e:
         # OSError: a file we write; OutOfMemoryError: a GPU another process filled meanwhile
         if isinstance(e, torch.OutOfMemoryError):
-            e = f"{args.device}: out of GPU memory ({str(e).splitlines()[0][:160]})"
+            e = (f"out of GPU memory with N={args.n} and batches of {args.batch_size} "
+                 f"({str(e).strip().splitlines()[0][:160]}); use a smaller --batch-size or N, "
+                 "or free the GPU")
         world = World.from_environment()  # errors may differ by process: each says its own
         print(f"error: {f'[rank {world.rank}] ' if world.size > 1 else ''}{e}", file=sys.stderr)
         return 1

@@ -146,3 +146,14 @@ def test_under_torchrun_each_evaluation_is_reported_once(synthetic_cifar, tmp_pa
                       "--threads", "1")
     assert result.returncode == 0, result.stderr
     assert (result.stdout + result.stderr).count("iter 2: test error") == 1
+
+
+def test_running_out_of_gpu_memory_is_one_line(synthetic_cifar, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(run.Run, "step", out_of_memory)
+    assert run.main(["1", "train", "--data-dir", synthetic_cifar, "--logdir", str(tmp_path),
+                     "--iters", "4", "--threads", "2"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: out of GPU memory with N=1 and batches of 128 (CUDA out of")
