@@ -24,6 +24,8 @@ from google.protobuf.message import DecodeError
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 
+from resnet import depth_of
+
 # Table 6 of the paper: best test error (%), and (mean, std) where it gives them (5 runs).
 PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, None),
                110: (6.43, (6.61, 0.16)), 1202: (7.93, None)}
@@ -64,7 +66,7 @@ class Run:
 
     @property
     def depth(self):
-        return 6 * self.config["n"] + 2
+        return depth_of(self.config["n"])
 
     @property
     def finished(self):
@@ -213,7 +215,7 @@ def label(config, *extra, depth=True, with_schedule=True):
         notes.append(schedule(config))
     notes += [e for e in extra if e]
     name = "plain" if config["plain"] else "ResNet"
-    name += f"-{6 * config['n'] + 2}" if depth else ""
+    name += f"-{depth_of(config['n'])}" if depth else ""
     return f"{name} ({', '.join(notes)})" if notes else name
 
 
@@ -254,7 +256,7 @@ def table6(runs):
     rows = []
     for runs_of_config in group(runs):
         config = runs_of_config[0].config
-        depth, params = 6 * config["n"] + 2, f"{config['params'] / 1e6:.2f}M"
+        depth, params = depth_of(config["n"]), f"{config['params'] / 1e6:.2f}M"
         paper = PAPER_ERROR.get(depth) if comparable_with_paper(config) else None
         paper_cell = format_error(*paper) if paper else "-"
         errors = [r.result["test_error"] for r in runs_of_config if r.finished]
@@ -295,7 +297,7 @@ def colours(configs):
     configuration of the same net, e.g. option B, takes a spare colour."""
     out, seen, spare = [], set(), iter(SPARE_COLOURS * len(configs))
     for config in configs:
-        net = (config["plain"], 6 * config["n"] + 2)
+        net = (config["plain"], depth_of(config["n"]))
         out.append(next(spare) if net in seen or net[1] not in DEPTH_COLOURS
                    else DEPTH_COLOURS[net[1]])
         seen.add(net)
