@@ -116,9 +116,8 @@ CIFAR100 = Dataset(
 DATASETS = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 # CIFAR-10's layout under the names callers already use.
-URL, MD5, ARCHIVE_DIR, CLASSES = CIFAR10.url, CIFAR10.md5, CIFAR10.archive_dir, CIFAR10.classes
+URL, ARCHIVE_DIR, CLASSES = CIFAR10.url, CIFAR10.archive_dir, CIFAR10.classes
 SPLIT_FILES = {split: list(files) for split, files in CIFAR10.splits.items()}
-OFFICIAL_FILES = CIFAR10.official_files
 RECORD_BYTES = CIFAR10.record_bytes
 RECORDS_PER_FILE = 10_000
 
