@@ -456,9 +456,12 @@ def notes(data, augment_seconds, rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world = run.World()  # one process, also under torchrun
+    run.check_device(parser, args.device, world)
     try:
-        device = run.setup_machine(args)  # float32 is IEEE float32 (no --tf32 here)
+        device = run.setup_machine(args, world)  # float32 is IEEE float32 (no --tf32 here)
         data = load_data(args.data_dir)
         rows = benchmark(args, data, device)
         augment_seconds = augmentation_seconds(data, device)

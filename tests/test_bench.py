@@ -56,6 +56,16 @@ def test_depths_must_be_6n_plus_2():
         bench.build_parser().parse_args(["--depths", "21"])
 
 
+@pytest.mark.parametrize("device, complaint", [
+    ("cuda", "CUDA is not available on this machine"),
+    ("gpu", "expected auto, cpu, cuda or cuda:K")])
+def test_a_device_this_machine_lacks_is_a_usage_error(device, complaint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", device])
+    assert exit_info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()
