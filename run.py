@@ -565,14 +565,12 @@ def fetch_data(args, world):
         return
     for fetches in (world.rank == 0, world.local_rank == 0):
         if fetches:
-            cifar_binary.download(args.data_dir)
+            cifar_binary.download(args.data_dir, dataset=args.dataset)
         if world.size > 1:
             dist.barrier()
 
 
 def load_data(args, split):
-    if args.download:
-        cifar_binary.download(args.data_dir, dataset=args.dataset)
     return cifar_binary.load_split(args.data_dir, split, dataset=args.dataset)
 
 
@@ -1072,6 +1070,7 @@ def test(args):
                                        if trainer is not None else "unfinished")
               + f": testing its checkpoint of iteration {iteration:,} of {config['iters']:,}, "
               + ("the run's final weights" if final else "not the run's final weights"))
+    fetch_data(args, World())
     images, labels = load_data(args, "test")
     images, labels = images.to(device), labels.to(device)
     with LayerResponses(model) as responses:

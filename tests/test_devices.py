@@ -113,7 +113,7 @@ def test_checkpoints_are_written_with_cpu_tensors_only(tmp_path):
 ])
 def test_one_process_downloads_while_the_others_wait(world, expected, monkeypatch):
     calls = []
-    monkeypatch.setattr(run.cifar_binary, "download", lambda root: calls.append("download"))
+    monkeypatch.setattr(run.cifar_binary, "download", lambda root, dataset: calls.append("download"))
     monkeypatch.setattr(run.dist, "barrier", lambda: calls.append("barrier"))
     run.fetch_data(run.parse_args(["1", "train", "--download"]), world)
     assert calls == expected

@@ -1,6 +1,7 @@
 """`cifar_binary.download` against a real HTTP server on 127.0.0.1 serving small synthetic
 archives in the official layouts of CIFAR-10 and CIFAR-100 (full-size data files of low-entropy
 bytes)."""
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 import cifar_binary
+import run
 from cifar_binary import ARCHIVE_DIR, CIFAR100, DataError, download, load_split
+from test_run import TINY
 
 ARCHIVE = "cifar-10-binary.tar.gz"
 BATCHES = cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]
@@ -480,3 +483,26 @@ def test_incomplete_cifar100_folder_is_replaced_by_the_download(server, root100,
     download(root100, "cifar100", url=server.url_of(ARCHIVE100), md5=checksum)
     assert sorted(os.listdir(root100)) == sorted(FILES100)
     assert bool((load_split(root100, "train", dataset="cifar100")[0] == 1).all())
+
+
+@pytest.fixture
+def official_cifar100_at(monkeypatch):
+    """CIFAR-100's official archive, as run.py knows it, moved to `url` with checksum `md5`."""
+    def move(url, md5):
+        moved = dataclasses.replace(CIFAR100, url=url, md5=md5)
+        monkeypatch.setitem(cifar_binary.DATASETS, "cifar100", moved)
+    return move
+
+
+def test_run_py_download_fetches_the_data_set_it_trains_and_tests_on(server, root100, tmp_path,
+                                                                     good_archive100,
+                                                                     official_cifar100_at):
+    official_cifar100_at(server.url_of(ARCHIVE100), server.serve(good_archive100, ARCHIVE100))
+    args = ["1", "--dataset", "cifar100", "--download", "--data-dir", root100,
+            "--logdir", str(tmp_path / "logs")]
+    assert run.main([*args[:1], "train", *args[1:], *TINY, "--eval-every", "1000"]) == 0
+    assert server.requests and all(ARCHIVE100 in path for path in server.requests)
+    assert sorted(os.listdir(root100)) == sorted(FILES100)
+    server.requests.clear()
+    assert run.main([*args[:1], "test", *args[1:]]) == 0
+    assert server.requests == []  # complete: not fetched again
