@@ -867,9 +867,12 @@ class Run:
         self.previous_handlers = {s: signal.signal(s, on_signal)
                                   for s in (signal.SIGINT, signal.SIGTERM)}
         # A resumed writer hides what the previous process logged after its checkpoint; what it
-        # logged at the checkpoint's own iteration (before saving) stays.
+        # logged at the checkpoint's own iteration (before saving) stays. File names hold the
+        # second the writer opened in, and a writer truncates its file: the suffix (in ns)
+        # keeps a resume within that second from overwriting the previous process's file.
         self.writer = (SummaryWriter(self.folder, flush_secs=30,
-                                     purge_step=self.iteration + 1 if self.iteration else None)
+                                     purge_step=self.iteration + 1 if self.iteration else None,
+                                     filename_suffix=f".{time.time_ns()}")
                        if self.lead else None)
         self.bar = tqdm(total=self.config["iters"], initial=self.iteration, dynamic_ncols=True,
                         smoothing=0.05, disable=None if self.lead else True)

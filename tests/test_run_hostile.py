@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ import plot_curves
 import run
 from conftest import ROOT
 from resnet import ResNet
-from test_run import assert_same_state, checkpoint_of, sigterm_after
+from test_run import assert_same_state, checkpoint_of, sigterm_after, train
 
 ITERS = 24  # the lr drops at 12 and 18, so resumed runs cross both
 FLAGS = ["--iters", str(ITERS), "--log-every", "4", "--ckpt-every", "4", "--eval-every", "1000",
@@ -608,6 +609,20 @@ def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_complet
     curves = plot_curves.load_scalars(str(folder))
     assert curves["train/error"][0] == list(range(4, ITERS + 1, 4))
     assert curves["test/error"][0] == [ITERS]
+
+
+def test_a_resume_in_the_same_second_keeps_the_stopped_runs_event_file(synthetic_cifar, tmp_path,
+                                                                        monkeypatch):
+    # tensorboardX names an event file by the whole second its writer opened in and opens it
+    # with "wb": pin that second, as for a run stopped and resumed within one second.
+    from tensorboardX import event_file_writer
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.8e9))
+    with sigterm_after(6):
+        assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
+    assert train(synthetic_cifar, tmp_path) == 0
+    folder = tmp_path / NAME
+    assert len(list(folder.glob("events.out.tfevents.1800000000.*"))) == 2
+    assert plot_curves.load_scalars(str(folder))["train/loss"][0] == list(range(4, ITERS + 1, 4))
 
 
 def test_curve_points_a_checkpoint_covers_survive_kill_9(synthetic_cifar, tmp_path):
