@@ -80,12 +80,7 @@ class Run:
 
     @property
     def tested_final_weights(self):
-        """Whether test.json is of the run's final weights. run.py says so in it since it tests
-        runs in training; the test.json files written before were all of final weights, and are
-        recognised by their iteration, the run's last."""
-        if "final_weights" in self.test:
-            return self.test["final_weights"] is True
-        return self.test.get("iteration") == self.config["iters"]
+        return of_final_weights(self.test, self.config["iters"])
 
     def test_error(self):
         """(error %, iteration): the final one, or for an unfinished run its last evaluation."""
@@ -93,6 +88,15 @@ class Run:
             return self.result["test_error"], self.result["iterations"]
         steps, values = self.scalars.get("test/error", ([], []))
         return (values[-1], steps[-1]) if steps else (None, None)
+
+
+def of_final_weights(test, iters):
+    """Whether a test.json is of its run's final weights. run.py says so in it since it tests
+    runs in training; the test.json files written before were all of final weights, and are
+    recognised by their iteration, the run's last."""
+    if "final_weights" in test:
+        return test["final_weights"] is True
+    return test.get("iteration") == iters
 
 
 def read_json(path, required):

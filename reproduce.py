@@ -160,10 +160,12 @@ def placement(jobs, runs_count, extra):
 
 def settle_finished(run):
     """What is left to do for a run: training unless result.json is there, then the test
-    unless test.json is there. A run with both is done and is not started."""
-    done = {"train": "result.json", "test": "test.json"}
-    run.todo = [c for c in run.commands
-                if not os.path.exists(os.path.join(run.folder, done[c[1]]))]
+    unless test.json is there and of the final weights (not of a checkpoint tested while the
+    run trained). A run with both is done and is not started."""
+    trained = os.path.exists(os.path.join(run.folder, "result.json"))
+    test = plot_curves.read_json(os.path.join(run.folder, "test.json"), ("iteration",))
+    tested = trained and test is not None and plot_curves.of_final_weights(test, run.iters)
+    run.todo = [c for c, done in zip(run.commands, (trained, tested)) if not done]
     run.state = "waiting" if run.todo else "done"
 
 

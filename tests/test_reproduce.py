@@ -1,6 +1,7 @@
 """reproduce.py: the Section 4.2 matrix run by run.py, on synthetic data with tiny schedules."""
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -183,6 +184,26 @@ def test_seeds_after_the_first_add_a_seed_flag_and_a_folder_each():
     assert [r.name for r in runs] == ["resnet110", "resnet110-seed1", "resnet110-seed2"]
     assert [r.commands[0] for r in runs] == [["18", "train"], ["18", "train", "--seed", "1"],
                                              ["18", "train", "--seed", "2"]]
+
+
+@pytest.mark.parametrize("files, todo", [
+    ({}, ["train", "test"]),
+    ({"test.json": dict(iteration=3000, final_weights=False)}, ["train", "test"]),
+    ({"result.json": {}, "test.json": dict(iteration=3000, final_weights=False)}, ["test"]),
+    ({"result.json": {}, "test.json": dict(iteration=64000, final_weights=True)}, []),
+    ({"result.json": {}, "test.json": dict(iteration=64000)}, []),  # before final_weights
+    ({"result.json": {}, "test.json": dict(iteration=3000)}, ["test"]),
+])
+def test_a_rerun_tests_again_unless_test_json_is_of_the_final_weights(tmp_path, files, todo):
+    options, extra = reproduce.parse_args(["--only", "resnet56", "--logdir", str(tmp_path)])
+    [planned] = reproduce.plan(options, extra)
+    os.makedirs(planned.folder)
+    for name, content in files.items():
+        with open(os.path.join(planned.folder, name), "w") as f:
+            json.dump(content, f)
+    reproduce.settle_finished(planned)
+    assert [command[1] for command in planned.todo] == todo
+    assert planned.state == ("waiting" if todo else "done")
 
 
 def test_bad_only_name_is_a_usage_error_naming_the_valid_ones(capsys):
