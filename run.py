@@ -861,18 +861,17 @@ class Run:
 
     def __enter__(self):
         """Catch SIGINT/SIGTERM (the run stops cleanly), open the event file and progress bar."""
-        from tensorboardX import SummaryWriter  # imported late: slow, and only train needs it
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, train only
         from tqdm import tqdm
         on_signal = lambda signum, frame: self.signals.append(signum)
         self.previous_handlers = {s: signal.signal(s, on_signal)
                                   for s in (signal.SIGINT, signal.SIGTERM)}
         # A resumed writer hides what the previous process logged after its checkpoint; what it
-        # logged at the checkpoint's own iteration (before saving) stays. File names hold the
-        # second the writer opened in, and a writer truncates its file: the suffix (in ns)
-        # keeps a resume within that second from overwriting the previous process's file.
+        # logged at the checkpoint's own iteration (before saving) stays. Its file is its own
+        # (the name holds the process id), and its flush() returns once every queued event is
+        # in the file, which save() relies on.
         self.writer = (SummaryWriter(self.folder, flush_secs=30,
-                                     purge_step=self.iteration + 1 if self.iteration else None,
-                                     filename_suffix=f".{time.time_ns()}")
+                                     purge_step=self.iteration + 1 if self.iteration else None)
                        if self.lead else None)
         self.bar = tqdm(total=self.config["iters"], initial=self.iteration, dynamic_ncols=True,
                         smoothing=0.05, disable=None if self.lead else True)
@@ -978,7 +977,7 @@ class Run:
                                "not saving them")
             state = self.state()
             if self.lead:
-                self.writer.flush()  # every curve point the checkpoint covers, on disk first
+                self.writer.flush()  # every curve point the checkpoint covers, in the file first
                 save_checkpoint(self.checkpoint_path, state)
 
     def stopped(self):

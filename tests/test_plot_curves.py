@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from matplotlib.colors import to_rgba
-from tensorboardX import SummaryWriter
+from torch.utils.tensorboard import SummaryWriter
 
 import plot_curves
 
@@ -78,16 +78,19 @@ def png_size(path):
 # ---------------------------------------------------------------- event files
 
 def test_resumed_run_keeps_later_file_values_and_drops_purged_steps(tmp_path):
-    writer = SummaryWriter(str(tmp_path), filename_suffix=".1")
+    writer = SummaryWriter(str(tmp_path))
     for step in range(100, 1001, 100):
         writer.add_scalar("train/error", step / 100, step)
     writer.close()
-    # Resumed from the checkpoint at 500. Within one second its name sorts first: the order must
-    # come from the files' own times.
-    writer = SummaryWriter(str(tmp_path), purge_step=500, filename_suffix=".0")
+    [first] = os.listdir(tmp_path)
+    # Resumed from the checkpoint at 500, and its name sorts first (as another process's can,
+    # within one second): the order must come from the files' own times.
+    writer = SummaryWriter(str(tmp_path), purge_step=500)
     for step in (600, 700, 800):
         writer.add_scalar("train/error", 100 + step / 100, step)
     writer.close()
+    [resumed] = set(os.listdir(tmp_path)) - {first}
+    os.rename(tmp_path / resumed, tmp_path / "events.out.tfevents.0000000000.first-by-name")
     assert len(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == 2
     steps, values = plot_curves.load_scalars(str(tmp_path))["train/error"]
     assert steps == [100, 200, 300, 400, 600, 700, 800]
@@ -95,11 +98,11 @@ def test_resumed_run_keeps_later_file_values_and_drops_purged_steps(tmp_path):
 
 
 def test_restart_without_purge_step_drops_earlier_steps_from_its_first_step_on(tmp_path):
-    writer = SummaryWriter(str(tmp_path), filename_suffix=".a")
+    writer = SummaryWriter(str(tmp_path))
     for step in (100, 200, 300):
         writer.add_scalar("test/error", 50.0, step)
     writer.close()
-    writer = SummaryWriter(str(tmp_path), filename_suffix=".b")  # run.py: resume at iteration 0
+    writer = SummaryWriter(str(tmp_path))  # run.py: resume at iteration 0
     writer.add_scalar("test/error", 40.0, 200)
     writer.close()
     assert plot_curves.load_scalars(str(tmp_path))["test/error"] == ([100, 200], [50.0, 40.0])

@@ -257,7 +257,7 @@ def test_overview_in_a_log_is_printed_once_per_change_of_state(tmp_path):
 
 
 def test_overview_shows_iteration_speed_and_time_left_from_the_event_files(tmp_path):
-    from tensorboardX import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter
     run_ = reproduce.Run(str(tmp_path / "resnet56"), str(tmp_path / "resnet56.log"), 64_000, 128,
                          [], state="running", phase="train")
     with SummaryWriter(run_.folder) as writer:

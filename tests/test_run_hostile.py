@@ -613,9 +613,9 @@ def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_complet
 
 def test_a_resume_in_the_same_second_keeps_the_stopped_runs_event_file(synthetic_cifar, tmp_path,
                                                                         monkeypatch):
-    # tensorboardX names an event file by the whole second its writer opened in and opens it
-    # with "wb": pin that second, as for a run stopped and resumed within one second.
-    from tensorboardX import event_file_writer
+    # Event files are named by the whole second their writer opened in, and opened with "wb":
+    # pin that second, as for a run stopped and resumed within one second.
+    from tensorboard.summary.writer import event_file_writer
     monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.8e9))
     with sigterm_after(6):
         assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
@@ -626,8 +626,13 @@ def test_a_resume_in_the_same_second_keeps_the_stopped_runs_event_file(synthetic
 
 
 def test_curve_points_a_checkpoint_covers_survive_kill_9(synthetic_cifar, tmp_path):
-    # The process kills itself right after writing its checkpoint at iteration 12.
-    code = (f"import os, signal, sys\nsys.path.insert(0, {ROOT!r})\nimport run\n"
+    # The process kills itself right after writing its checkpoint at iteration 12. Its event
+    # writer's thread writes each record slowly, so points still queued at the checkpoint would
+    # be lost.
+    code = (f"import os, signal, sys, time\nsys.path.insert(0, {ROOT!r})\nimport run\n"
+            "from tensorboard.summary.writer.record_writer import RecordWriter\n"
+            "write = RecordWriter.write\n"
+            "RecordWriter.write = lambda self, data: (time.sleep(0.05), write(self, data))\n"
             "save = run.save_checkpoint\n"
             "def save_then_die(path, state, *keys):\n"
             "    save(path, state, *keys)\n"
