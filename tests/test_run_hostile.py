@@ -24,7 +24,7 @@ import plot_curves
 import run
 from conftest import ROOT
 from resnet import ResNet
-from test_run import assert_same_state, checkpoint_of, sigterm_after, train
+from test_run import assert_same_state, checkpoint_of, sigterm_after
 
 ITERS = 24  # the lr drops at 12 and 18, so resumed runs cross both
 FLAGS = ["--iters", str(ITERS), "--log-every", "4", "--ckpt-every", "4", "--eval-every", "1000",
