@@ -1,19 +1,11 @@
 """bench.py: a tiny run prints a well-formed report; the FLOP counts match the published
 figures; data errors are one line; fp32 is IEEE float32. No timing is asserted: speeds depend on
 the machine and its load."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import bench
-import run
-import cifar_binary
-from synthetic import records
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Forward multiply-accumulates per image usually quoted for the CIFAR ResNets (conv + fc),
 # counted by hand: sum over layers of output elements x weights per output channel.
 PUBLISHED_MACS = {20: 40_551_040, 56: 125_485_696, 110: 252_887_680}

@@ -1,7 +1,6 @@
 """The paper's recipe as training applies it, observed where it acts: the lr each step runs at,
 what SGD is given, what the network sees, which images the mean comes from, eval mode, and
 where layer responses are taken. Each test fails on one plausible slip in run.py."""
-import os
 import signal
 
 import pytest

@@ -3,7 +3,6 @@ cut short, repeated kill -9, bad flag values, unusable run folders, two runs on 
 
 Every outcome is either a correct run or a one-line error (exit 2 for usage errors, 1 at run
 time) that names the culprit: never a traceback, never a lost or overwritten good checkpoint."""
-import contextlib
 import copy
 import io
 import json

@@ -10,7 +10,7 @@ import pytest
 
 import plot_curves
 import run
-from test_run import TINY, sigterm_after, train
+from test_run import sigterm_after, train
 
 
 @contextlib.contextmanager
