@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_file_loader import RawEventFileL
 from tensorboard.compat.proto import event_pb2
 
 from resnet import depth_of
+from run import ADDED_KEYS, with_added_defaults
 
 # Table 6 of the paper: best test error (%), and (mean, std) where it gives them (5 runs).
 PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, None),
@@ -36,8 +37,6 @@ PAPER_SCHEDULE = (64_000, (32_000, 48_000))
 # run.py's EXPERIMENT_KEYS but the seed: runs that agree on these are seeds of one configuration.
 CONFIG_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
                "weight_decay", "momentum", "val_size", "warmup", "amp", "dataset")
-# run.py's ADDED_KEYS: settings that config.json files written before them lack, and their value.
-ADDED_KEYS = {"dataset": "cifar10"}
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
@@ -174,7 +173,7 @@ def find_runs(logdir):
         config = read_json(config_path, required)
         if config is None:
             continue  # read_json said why
-        config = {**config, **{k: v for k, v in ADDED_KEYS.items() if k not in config}}
+        config = with_added_defaults(config)
         run = Run(folder, config,
                   read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
                   read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
