@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+import hubconf
 import plot_curves
 import run
 from resnet import ResNet, count_parameters
@@ -15,7 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
 RUNS = os.path.join(RESULTS, "runs")
 PARITY = os.path.join(RESULTS, "parity")  # float32 against bf16, 1/10 of the schedule
-FULL_SCHEDULE = os.path.join(RUNS, "resnet20-bf16")  # the published weights' run folder
 # Each folder of run folders, and where its table6.md is published.
 TABLES = [(RUNS, RESULTS), (PARITY, PARITY)]
 
@@ -25,42 +25,56 @@ def read_json(folder, name):
         return json.load(f)
 
 
-def test_published_weights_match_their_sha256():
-    with open(os.path.join(FULL_SCHEDULE, "model.pt.sha256")) as f:
+def published_folder(entry):
+    """The run folder of a torch.hub entry's published model.pt."""
+    return os.path.dirname(os.path.join(ROOT, hubconf.PUBLISHED[entry]))
+
+
+@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
+def test_published_weights_match_their_sha256(entry):
+    folder = published_folder(entry)
+    with open(os.path.join(folder, "model.pt.sha256")) as f:
         digest, name = f.read().split()
     assert name == "model.pt"
-    with open(os.path.join(FULL_SCHEDULE, name), "rb") as f:
+    with open(os.path.join(folder, name), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == digest
 
 
-def test_published_weights_are_the_finished_full_schedule_resnet20():
-    state = run.load_checkpoint(os.path.join(FULL_SCHEDULE, "model.pt"))
-    config, result = state["config"], read_json(FULL_SCHEDULE, "result.json")
+@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
+def test_published_weights_are_the_finished_full_schedule_run_of_their_net(entry):
+    folder = published_folder(entry)
+    state = run.load_checkpoint(os.path.join(folder, "model.pt"))
+    config, result = state["config"], read_json(folder, "result.json")
     # Written before --dataset: both read as CIFAR-10 (run.ADDED_KEYS).
     assert config["dataset"] == "cifar10"
     assert config == run.with_added_defaults(
-        {k: v for k, v in read_json(FULL_SCHEDULE, "config.json").items()
+        {k: v for k, v in read_json(folder, "config.json").items()
          if k in run.EXPERIMENT_KEYS})
-    assert (config["n"], config["plain"], config["shortcut"]) == (3, False, "A")
+    n, plain = hubconf._NETS[entry]
+    assert (config["n"], config["plain"], config["shortcut"]) == (n, plain, "A")
     assert config["iters"] == state["iteration"] == result["iterations"] == 64_000
     assert config["milestones"] == [32_000, 48_000]
-    model = ResNet(3)
+    model = ResNet(n, plain=plain)
     model.load_state_dict(state["model"])
-    assert count_parameters(model) == result["params"] == 269_722
+    assert count_parameters(model) == result["params"]
 
 
-def test_published_weights_evaluate_to_the_published_test_error(real_cifar, tmp_path):
+@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
+def test_published_weights_evaluate_to_the_published_test_error(entry, real_cifar, tmp_path):
+    folder = published_folder(entry)
+    n, plain = hubconf._NETS[entry]
     # A copy, so that the test.json written next to it does not touch results/.
     checkpoint = tmp_path / "model.pt"
-    shutil.copyfile(os.path.join(FULL_SCHEDULE, "model.pt"), checkpoint)
-    assert run.main(["3", "test", "--checkpoint", str(checkpoint), "--data-dir", real_cifar]) == 0
-    now, published = read_json(tmp_path, "test.json"), read_json(FULL_SCHEDULE, "test.json")
-    # Another CPU's bf16 kernels round differently: evaluating these weights in float32 instead
-    # of bf16 changes 15 predictions (the error by 0.03 points), so allow 10 images.
+    shutil.copyfile(os.path.join(folder, "model.pt"), checkpoint)
+    argv = [str(n), "test", "--checkpoint", str(checkpoint), "--data-dir", real_cifar]
+    assert run.main(argv + (["--plain"] if plain else [])) == 0
+    now, published = read_json(tmp_path, "test.json"), read_json(folder, "test.json")
+    # Another CPU's bf16 kernels round differently: evaluating ResNet-20's weights in float32
+    # instead of bf16 changes 15 predictions (the error by 0.03 points), so allow 10 images.
     assert now["test_error"] == pytest.approx(published["test_error"], abs=0.1)
     assert now["layer_responses"] == pytest.approx(published["layer_responses"], rel=1e-2)
     # Training ended with the same weights: its final evaluation is the published one.
-    assert published["test_error"] == read_json(FULL_SCHEDULE, "result.json")["test_error"]
+    assert published["test_error"] == read_json(folder, "result.json")["test_error"]
 
 
 @pytest.mark.parametrize("runs, out", TABLES)
@@ -87,4 +101,10 @@ def test_published_runs_are_finished_and_small():
         assert result["iterations"] == config["iters"], folder
         assert "checkpoint.pt" not in os.listdir(folder), folder  # optimizer state: not published
         for name in os.listdir(folder):
-            assert os.path.getsize(os.path.join(folder, name)) < 2 * 2**20, (folder, name)
+            size = os.path.getsize(os.path.join(folder, name))
+            if name == "model.pt":  # the weights, the mean and little else: no optimizer state
+                state = run.load_checkpoint(os.path.join(folder, name))
+                tensors = [*state["model"].values(), state["per_pixel_mean"]]
+                assert size < sum(t.numel() * t.element_size() for t in tensors) + 2**17, folder
+            else:
+                assert size < 2 * 2**20, (folder, name)
