@@ -12,6 +12,7 @@ from torchvision import transforms
 import cifar_binary
 import hubconf
 from resnet import ResNet, count_parameters
+from test_published import published_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {  # entry -> (depth, plain, parameters)
@@ -125,8 +126,7 @@ def test_hub_entry_gives_the_published_test_error_on_torchvision_style_images(re
             x = images[start:start + 500].float().div(255)  # transforms.ToTensor(), batched
             wrong += (model(x).argmax(1) != labels[start:start + 500]).sum().item()
     error = 100.0 * wrong / len(images)
-    folder = os.path.dirname(os.path.join(ROOT, hubconf.PUBLISHED[name]))
-    with open(os.path.join(folder, "test.json")) as f:
+    with open(os.path.join(published_folder(name), "test.json")) as f:
         published_error = json.load(f)["test_error"]
     # Published from bf16 evaluation; this is float32, as a hub user runs it (ResNet-20: 0.03
     # points apart).
