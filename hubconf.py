@@ -8,9 +8,8 @@ pretrained=True returns the published weights wrapped in `ToTensorInput`, in eva
 images as torchvision gives them (RGB, float in [0, 1], no transforms.Normalize) and turns them
 into what the network was trained on, 0-255 pixel values minus the per-pixel mean of the training
 images stored with the weights. It works for the nets in PUBLISHED, trained in bf16 on the
-paper's full schedule (resnet20: 8.26% test error, results/runs/resnet20-bf16; resnet56: 8.24%,
-results/runs/resnet56-bf16; plain56: 13.39%, results/runs/plain56-bf16); for the others it raises
-a ValueError that names them.
+paper's full schedule (their test errors: results/table6.md); for the others it raises a
+ValueError that names them.
 
 pretrained=False returns the bare `resnet.ResNet`, freshly initialised and with no
 preprocessing: without training images there is no per-pixel mean. Train it on what you will
