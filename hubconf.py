@@ -30,6 +30,7 @@ dependencies = ["torch"]
 PUBLISHED = {
     "resnet20": "results/runs/resnet20-bf16/model.pt",
     "resnet56": "results/runs/resnet56-bf16/model.pt",
+    "plain20": "results/runs/plain20-bf16/model.pt",
     "plain56": "results/runs/plain56-bf16/model.pt",
 }
 _NETS = {  # entry -> (n, plain): depth 6n+2, option A shortcuts unless plain
