@@ -82,6 +82,9 @@ def build_parser():
     p.add_argument("--precisions", nargs="+", choices=tuple(AMP), default=["fp32", "bf16"],
                    help="of ours; bf16 is run.py --amp bf16 (the reference is always fp32)")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
+    p.add_argument("--bn-batch", type=run.positive_int, default=None, metavar="K",
+                   help="also measure ours with run.py --bn-batch K (batch norm over groups of "
+                        "K images), in each precision (and compiled, with --compile)")
     p.add_argument("--warmup", type=run.non_negative_int, default=10, help="discarded steps")
     p.add_argument("--windows", type=run.positive_int, default=5,
                    help="timed windows; their median is reported")
@@ -125,12 +128,14 @@ def load_data(data_dir):
 
 # ---------------------------------------------------------------- the two pipelines
 
-def ours(depth, precision, compile_model, data, device):
-    """run.py's training iteration and evaluation, with run.py's default (the paper's) recipe."""
-    args = run.parse_args([str((depth - 2) // 6), "train", "--amp", AMP[precision]])
+def ours(depth, precision, compile_model, data, device, bn_batch=None):
+    """run.py's training iteration and evaluation, with run.py's default (the paper's) recipe,
+    or with --bn-batch `bn_batch`."""
+    bn = ["--bn-batch", str(bn_batch)] if bn_batch else []
+    args = run.parse_args([str((depth - 2) // 6), "train", "--amp", AMP[precision], *bn])
     config = run.experiment_config(args)
     torch.manual_seed(config["seed"])
-    model = run.build_model(config, device)
+    model = run.build_model(config, device, config["batch_size"])
     optimizer = run.build_optimizer(model, config)
     if compile_model:  # start afresh, as a run.py process does; earlier pipelines' graphs
         torch.compiler.reset()  # would otherwise count towards dynamo's recompile limit
@@ -329,11 +334,14 @@ def conv_seconds(problems):
 
 
 def variants(args):
-    """(label, precision of ours or None for the reference, compiled), in table order."""
-    out = [] if args.no_reference else [("reference fp32", None, False)]
-    out += [(f"ours {p}", p, False) for p in args.precisions]
-    if args.compile:
-        out += [(f"ours {p}+compile", p, True) for p in args.precisions]
+    """(label, precision of ours or None for the reference, compiled, --bn-batch or None), in
+    table order."""
+    out = [] if args.no_reference else [("reference fp32", None, False, None)]
+    for compiled in (False, True) if args.compile else (False,):
+        for bn_batch in (None, args.bn_batch) if args.bn_batch else (None,):
+            out += [(f"ours {p}" + (f" bn{bn_batch}" if bn_batch else "")
+                     + ("+compile" if compiled else ""), p, compiled, bn_batch)
+                    for p in args.precisions]
     return out
 
 
@@ -343,10 +351,10 @@ def benchmark(args, data, device):
     rows = []
     for depth in args.depths:
         flops, reference_ips, convs = sum(step_flops(depth)), None, {}  # of one step
-        for label, precision, compiled in variants(args):
+        for label, precision, compiled, bn_batch in variants(args):
             print(f"measuring ResNet-{depth} {label}", file=sys.stderr, flush=True)
             pipeline = (reference(depth, data, args.workers, device) if precision is None
-                        else ours(depth, precision, compiled, data, device))
+                        else ours(depth, precision, compiled, data, device, bn_batch))
             try:
                 train_ips, step_seconds = train_speed(pipeline.step, args, device)
                 eval_ips = eval_speed(pipeline.evaluate, min(args.eval_images,
@@ -458,6 +466,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.bn_batch and BATCH % args.bn_batch:
+        parser.error(f"--bn-batch {args.bn_batch} must divide the batch of {BATCH}")
     world = run.World()  # one process, also under torchrun
     run.check_device(parser, args.device, world)
     try:

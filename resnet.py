@@ -10,8 +10,10 @@ Section 4.2: residual and plain nets of depth 6n+2.
 Every conv is followed by batch norm (so convs have no bias). Shortcuts, option A (the paper's
 choice for CIFAR): identity, and where the dimensions grow, stride-2 subsampling with the extra
 channels zero, no parameters. Option B: a 1x1 conv + BN projection where the dimensions grow.
-A plain net is the same stack with no shortcuts. With option A, plain and residual nets have the
-same number of parameters:
+A plain net is the same stack with no shortcuts. The paper trained on two GPUs with 64 images
+each, and BN of its time normalised over each GPU's images alone: `bn_batch=64` gives every
+group of 64 consecutive images of a batch its own statistics, as those GPUs did. With option A,
+plain and residual nets have the same number of parameters:
 
     n    depth   params       n    depth   params
     3    20      269,722      18   110     1,727,962
@@ -43,15 +45,37 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose training statistics are those of each group of `group` consecutive
+    images of the batch (None: the whole batch), as each of several GPUs normalises its own
+    share ("ghost batch norm"). The running statistics follow the first group, as the first
+    GPU's do; in eval mode it is nn.BatchNorm2d."""
+
+    def __init__(self, num_features, group=None):
+        super().__init__(num_features)
+        self.group = group
+
+    def forward(self, x):
+        if not self.training or self.group is None or len(x) == self.group:
+            return super().forward(x)
+        if len(x) % self.group:
+            raise ValueError(f"a batch of {len(x)} images does not split into groups of "
+                             f"{self.group} for batch norm")
+        first, *others = x.split(self.group)
+        return torch.cat([super().forward(first)] + [
+            F.batch_norm(group, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            for group in others])
+
+
 class Block(nn.Module):
     """Two 3x3 conv+BN layers; ReLU after the first and after the (shortcut sum and) second."""
 
-    def __init__(self, in_channels, out_channels, stride, shortcut):
+    def __init__(self, in_channels, out_channels, stride, shortcut, bn_batch=None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = GhostBatchNorm2d(out_channels, bn_batch)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = GhostBatchNorm2d(out_channels, bn_batch)
         grows = stride != 1 or in_channels != out_channels
         if shortcut is None:  # plain net
             self.shortcut = None
@@ -62,7 +86,7 @@ class Block(nn.Module):
         else:  # "B"
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels))
+                GhostBatchNorm2d(out_channels, bn_batch))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -73,9 +97,10 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet(n) has 6n+2 weighted layers; plain=True drops every shortcut."""
+    """ResNet(n) has 6n+2 weighted layers; plain=True drops every shortcut; bn_batch=K: batch
+    norm over groups of K images in training (None: over the whole batch)."""
 
-    def __init__(self, n, plain=False, shortcut="A", num_classes=10):
+    def __init__(self, n, plain=False, shortcut="A", num_classes=10, bn_batch=None):
         super().__init__()
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
@@ -83,12 +108,13 @@ class ResNet(nn.Module):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         self.n, self.plain, self.shortcut = n, plain, shortcut
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = GhostBatchNorm2d(16, bn_batch)
         blocks, in_channels = [], 16
         for stage, channels in enumerate((16, 32, 64)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(Block(in_channels, channels, stride, None if plain else shortcut))
+                blocks.append(Block(in_channels, channels, stride, None if plain else shortcut,
+                                    bn_batch))
                 in_channels = channels
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)

@@ -43,15 +43,19 @@ PAPER = dict(
     warmup_lr=0.01,             # ResNet-110: "use 0.01 to warm up the training
     warmup_until_error=80.0,    # until the training error is below 80% (about 400 iterations)"
     warmup_min_n=18,            # warm-up by default from ResNet-110 (n=18) on
+    bn_batch=64,                # "on two GPUs": BN of the time normalised each GPU's 64 images
 )
 WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
 # Settings that define the experiment: a resume must not change them.
 EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp", "dataset")
-# Experiment settings added since the first checkpoints, with the value every run had before:
-# a checkpoint or config.json without one reads as that value (and keeps its digest), so that
-# older runs still resume and their weights still test.
-ADDED_KEYS = {"dataset": "cifar10"}
+                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp", "dataset",
+                   "bn_batch")
+# Experiment settings added since the first checkpoints, with the value every run had before (a
+# function of its configuration): a checkpoint or config.json without one reads as that value
+# (and keeps its digest), so that older runs still resume and their weights still test. Before
+# --bn-batch, one process normalised over its whole batch (every published run is one process).
+ADDED_KEYS = {"dataset": lambda config: "cifar10",
+              "bn_batch": lambda config: config.get("batch_size")}
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
 # both also hold "digest", the sha256 of the rest (tensor_digest).
 CHECKPOINT_FORMAT = 1
@@ -133,6 +137,11 @@ def build_parser():
                      help="initial weights, batch order and augmentation")
     rec.add_argument("--val-size", type=non_negative_int, default=0,
                      help="hold out the last K training images (paper's analysis: 5000)")
+    rec.add_argument("--bn-batch", type=positive_int, default=None, metavar="K",
+                     help="batch norm statistics over each group of K consecutive images of a "
+                          "process's share of the batch, as each of the paper's 2 GPUs "
+                          f"normalised its own {PAPER['bn_batch']} (default: the whole share; "
+                          "with --sync-bn: the global batch)")
     rec.add_argument("--amp", choices=("none", "bf16"), default="none",
                      help="bf16 autocast with float32 weights and BN statistics")
     data = p.add_argument_group("data and run folder")
@@ -206,8 +215,30 @@ def parse_args(argv=None):
     if args.batch_size % world.size:
         parser.error(f"--batch-size {args.batch_size} (the global batch) must divide evenly "
                      f"among the {world.size} processes")
+    check_bn_batch(parser, args, world)
     args.name = args.name or default_name(args)
     return args
+
+
+def default_bn_batch(args, world):
+    """Batch norm over each process's whole share of the batch; --sync-bn: over all of it."""
+    return args.batch_size if args.sync_bn else world.batch_share(args.batch_size)
+
+
+def check_bn_batch(parser, args, world):
+    """--bn-batch K divides each process's share of the batch; with --sync-bn it is the global
+    batch. Sets the default."""
+    default = default_bn_batch(args, world)
+    if args.bn_batch is None:
+        args.bn_batch = default
+    elif args.sync_bn and args.bn_batch != args.batch_size:
+        parser.error(f"--bn-batch {args.bn_batch} contradicts --sync-bn, which normalises over "
+                     f"the global batch of {args.batch_size}; drop one")
+    elif world.batch_share(args.batch_size) % args.bn_batch:
+        share = world.batch_share(args.batch_size)
+        over = f" ({args.batch_size} over {world.size} processes)" if world.size > 1 else ""
+        parser.error(f"--bn-batch {args.bn_batch} must divide each process's share of the batch, "
+                     f"{share} images{over}")
 
 
 def check_device(parser, name, world):
@@ -254,6 +285,8 @@ def default_name(args):
             parts.append(f"{label}{getattr(args, key):g}")
     if args.warmup != "auto":
         parts.append(f"warmup-{args.warmup}")
+    if args.bn_batch != default_bn_batch(args, World.from_environment()):
+        parts.append(f"bn{args.bn_batch}")
     if args.val_size:
         parts.append(f"val{args.val_size}")
     if args.seed:
@@ -412,13 +445,14 @@ def tensor_digest(state):
 def with_added_defaults(config):
     """An experiment configuration (a checkpoint's, config.json's) as of today: every key of
     ADDED_KEYS that it lacks at the value runs had before the key was added."""
-    return {**config, **{k: v for k, v in ADDED_KEYS.items() if k not in config}}
+    return {**config, **{k: before(config) for k, before in ADDED_KEYS.items() if k not in config}}
 
 
 def without_added_defaults(config):
     if not isinstance(config, dict):
         return config
-    return {k: v for k, v in config.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    return {k: v for k, v in config.items()
+            if not (k in ADDED_KEYS and v == ADDED_KEYS[k](config))}
 
 
 def on_cpu(value):
@@ -593,9 +627,13 @@ class Splits:
         return Splits(on(self.train), on(self.val), on(self.test), self.per_pixel_mean.to(device))
 
 
-def build_model(config, device):
+def build_model(config, device, batch_share=None):
+    """The network on `device`; trained on `batch_share` images a step, its batch norm in
+    training over groups of config["bn_batch"] of them (evaluation is the same either way)."""
+    bn_batch = config["bn_batch"] if batch_share and config["bn_batch"] < batch_share else None
     model = ResNet(config["n"], plain=config["plain"], shortcut=config["shortcut"],
-                   num_classes=cifar_binary.get_dataset(config["dataset"]).num_classes)
+                   num_classes=cifar_binary.get_dataset(config["dataset"]).num_classes,
+                   bn_batch=bn_batch)
     return model.to(device, memory_format=torch.channels_last)
 
 
@@ -663,7 +701,9 @@ def resumable_checkpoint(folder, config, log_every):
     if changed:
         diff = ", ".join(f"{k}: run has {old}, command has {new}"
                          for k, (old, new) in changed.items())
-        raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}); "
+        hint = (f"; resume with --bn-batch {changed['bn_batch'][0]} (the process count sets "
+                f"its default)" if "bn_batch" in changed else "")
+        raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}){hint}; "
                        "use another --name, or --fresh to start over")
     warmup_window = state.get("log_every", log_every)
     if uses_warmup(config) and state["warmup_end"] is None and warmup_window != log_every:
@@ -815,7 +855,7 @@ class Run:
         self.lead = world.rank == 0  # the process that writes the run folder
         self.checkpoint_path = os.path.join(folder, "checkpoint.pt")
         torch.manual_seed(config["seed"])
-        self.model = build_model(config, device)
+        self.model = build_model(config, device, world.batch_share(config["batch_size"]))
         if args.sync_bn and world.size > 1:
             self.model = sync_batchnorm(self.model, device)
         self.params = count_parameters(self.model)
@@ -1141,6 +1181,7 @@ def asked_settings(args):
     other one that differs from its default."""
     defaults = vars(build_parser().parse_args([str(args.n), args.mode]))
     defaults["milestones"] = default_milestones(args.iters)
+    defaults["bn_batch"] = default_bn_batch(args, World.from_environment())
     return {k: getattr(args, k) for k in EXPERIMENT_KEYS
             if k in ("n", "plain", "shortcut", "dataset") or getattr(args, k) != defaults[k]}
 

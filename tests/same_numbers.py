@@ -4,6 +4,11 @@ model.pt, result.json and test.json (but timings, times and commits) and the cur
 
     git worktree add /tmp/before COMMIT
     python tests/same_numbers.py /tmp/before . /tmp/same-numbers   # prints one line per run
+    python tests/same_numbers.py /tmp/before . /tmp/same-numbers --bn-batch 128  # flags of the
+                                                                # new checkout's trainings only
+
+A flag given after the three folders goes to every training of the new checkout, e.g. a new
+setting at the value that reproduces the old default.
 """
 import glob
 import json
@@ -14,6 +19,7 @@ import sys
 import torch
 
 old, new, work = map(os.path.abspath, sys.argv[1:4])
+NEW_FLAGS = sys.argv[4:]
 py = sys.executable
 data = os.path.join(work, "cifar-10-batches-bin")
 if not os.path.isdir(data):
@@ -32,13 +38,14 @@ CONFIGS = [
 
 
 
-def run_all(checkout, label):
+def run_all(checkout, label, flags=()):
     logdir = os.path.join(work, label)
     subprocess.run(["rm", "-rf", logdir], check=True)
     common = ["--data-dir", data, "--threads", "1"]
-    for argv in CONFIGS:
-        subprocess.run([py, "run.py", *argv, *common, "--logdir", logdir], cwd=checkout,
-                       check=True, capture_output=True)
+    for i, argv in enumerate(CONFIGS):
+        name = ["--name", f"config{i}"]  # the same folder, whatever the flags do to the name
+        subprocess.run([py, "run.py", *argv, *flags, *name, *common, "--logdir", logdir],
+                       cwd=checkout, check=True, capture_output=True)
     for folder in glob.glob(os.path.join(logdir, "*")):
         cfg = json.load(open(os.path.join(folder, "config.json")))
         net = [str(cfg["n"]), "test", "--shortcut", cfg["shortcut"]] + (["--plain"] if cfg["plain"] else [])
@@ -71,7 +78,7 @@ def same(a, b, where):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-a, b = run_all(old, "before"), run_all(new, "after")
+a, b = run_all(old, "before"), run_all(new, "after", NEW_FLAGS)
 names = sorted(os.listdir(a))
 assert names == sorted(os.listdir(b)), (names, os.listdir(b))
 for name in names:

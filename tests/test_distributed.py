@@ -72,6 +72,25 @@ def test_sync_bn_matches_one_process_with_the_same_global_batch(synthetic_cifar,
         assert difference <= 1e-4 * max(1.0, value.double().abs().max().item()), key
 
 
+def test_bn_batch_in_one_process_trains_as_processes_of_that_share(synthetic_cifar, tmp_path):
+    steps = ["--iters", "3", "--name", "net"]
+    code, _, err = finish(torchrun(synthetic_cifar, tmp_path / "two", *steps))
+    assert code == 0, err
+    for logdir, bn in (("one", ["--bn-batch", "64"]), ("whole", [])):
+        code, _, err = finish(single(synthetic_cifar, tmp_path / logdir, *steps, *bn))
+        assert code == 0, err
+    two, one, whole = (checkpoint_of(tmp_path / d / "net") for d in ("two", "one", "whole"))
+    assert two["config"]["bn_batch"] == one["config"]["bn_batch"] == 64
+    assert whole["config"]["bn_batch"] == 128
+
+    def apart(a, b):  # each weight and BN buffer, relative to its scale
+        return {k: (a[k].double() - v.double()).abs().max().item()
+                   / max(1.0, v.double().abs().max().item()) for k, v in b.items()}
+    # float32 rounding: ~1e-5 here; BN over all 128 images moves weights and buffers far more
+    assert max(apart(two["model"], one["model"]).values()) <= 1e-4
+    assert max(apart(two["model"], whole["model"]).values()) > 1e-3
+
+
 def test_batch_size_must_divide_among_the_processes(synthetic_cifar, tmp_path):
     code, _, err = finish(torchrun(synthetic_cifar, tmp_path, "--iters", "4", "--batch-size", "127"))
     assert code != 0
@@ -94,7 +113,9 @@ def test_killed_process_fails_the_job_and_it_resumes_with_another_process_count(
     assert code != 0
     iteration = checkpoint_of(folder)["iteration"]
     assert 0 < iteration < 3000
-    resumed = single(synthetic_cifar, tmp_path, "--iters", "3000", "--ckpt-every", "4")
+    # Two processes normalised over 64 images each: one process does so with --bn-batch 64.
+    resumed = single(synthetic_cifar, tmp_path, "--iters", "3000", "--ckpt-every", "4",
+                     "--bn-batch", "64", "--name", folder.name)
     time.sleep(0.5)
     deadline = time.time() + 120
     while time.time() < deadline and checkpoint_of(folder)["iteration"] <= iteration:

@@ -17,7 +17,8 @@ PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19
 
 
 def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
-             final=8.0, stop_at=None, events=True, responses=None, dataset=None, tested=None):
+             final=8.0, stop_at=None, events=True, responses=None, dataset=None, tested=None,
+             bn_batch=None):
     """A run folder as run.py writes it, with synthetic curves that end at `final` % test error:
     training error every iters/10 iterations, test error every iters/4.
     stop_at: the run was interrupted there (no result.json). responses: a test.json with these
@@ -32,6 +33,8 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
                   eval_every=iters // 4, log_every=iters // 10, start={}, resumes=[])
     if dataset is not None:
         config["dataset"] = dataset
+    if bn_batch is not None:  # older ones have none: BN over the whole batch of 128
+        config["bn_batch"] = bn_batch
     write_json(os.path.join(folder, "config.json"), config)
     end = stop_at or iters
     if events:
@@ -182,6 +185,21 @@ def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
 
 
 # ---------------------------------------------------------------- figures
+
+def test_bn_batch_is_labelled_and_its_own_row_only_where_runs_differ(tmp_path, capsys):
+    make_run(tmp_path, "resnet56", n=9, final=8.2)
+    make_run(tmp_path, "resnet56-seed1", n=9, seed=1, final=8.4, bn_batch=128)
+    alone = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(alone, "ResNet", 56)[3] == "8.20 (8.30±0.14)"  # no bn_batch reads as 128
+    make_run(tmp_path, "resnet56-bn64", n=9, final=7.1, bn_batch=64, responses=[1.0] * 55)
+    runs = plot_curves.find_runs(str(tmp_path))
+    table = plot_curves.table6(runs)
+    assert row(table, "ResNet (BN 128)", 56)[3] == "8.20 (8.30±0.14)"
+    assert row(table, "ResNet (BN 64)", 56)[3:5] == ["7.10", "6.97"]
+    legends = [text.get_text() for ax in plot_curves.figure6(runs).axes
+               if ax.get_legend() for text in ax.get_legend().get_texts()]
+    assert "ResNet-56 (BN 64)" in legends and "ResNet-56 (BN 128, median of 2)" in legends
+
 
 def test_figure6_has_the_papers_three_panels_with_a_line_pair_per_depth(tmp_path):
     for n, plain in ((3, True), (9, True), (3, False), (18, False), (200, False)):

@@ -328,3 +328,34 @@ def test_layer_responses_remove_hooks_when_the_block_raises():
         with LayerResponses(model):
             raise RuntimeError("boom")
     assert all(not layer._forward_hooks for layer in response_layers(model))
+
+
+# --- batch norm over groups of images (bn_batch) ------------------------------------------
+
+def test_bn_batch_normalises_each_group_alone_and_keeps_the_first_groups_statistics():
+    grouped = seeded(1, bn_batch=16)
+    halves = [copy.deepcopy(seeded(1)) for _ in range(2)]  # two "GPUs" of 16 images each
+    x = images(32)
+    out = grouped(x)
+    reference = torch.cat([net(part) for net, part in zip(halves, x.split(16))])
+    assert torch.allclose(out, reference, atol=1e-5)
+    for key, value in grouped.state_dict().items():  # running statistics: the first group's
+        assert torch.equal(value, halves[0].state_dict()[key]), key
+    out.square().sum().backward()
+    reference.square().sum().backward()
+    for p, a, b in zip(grouped.parameters(), *(net.parameters() for net in halves)):
+        assert torch.allclose(p.grad, a.grad + b.grad, rtol=1e-4, atol=1e-4)
+    whole = seeded(1)
+    whole(x)
+    assert not torch.equal(whole.bn1.running_var, grouped.bn1.running_var)
+
+
+def test_bn_batch_changes_nothing_in_eval_mode_or_at_the_whole_batch():
+    x = images(32)
+    grouped, plain_bn = seeded(1, bn_batch=16).eval(), seeded(1).eval()
+    assert torch.equal(grouped(x), plain_bn(x))
+    grouped, plain_bn = seeded(1, bn_batch=32), seeded(1)
+    assert torch.equal(grouped(x), plain_bn(x))
+    assert all(isinstance(m, nn.BatchNorm2d) for m in response_layers(grouped))
+    with pytest.raises(ValueError, match="groups of 32"):
+        grouped(images(48))

@@ -107,6 +107,9 @@ def test_shorter_schedule_keeps_the_milestone_fractions():
     (["3", "train", "--dataset", "cifar100"], "resnet20-cifar100"),
     (["3", "train", "--dataset", "cifar100", "--shortcut", "B", "--amp", "bf16"],
      "resnet20-B-cifar100-bf16"),
+    (["9", "train", "--amp", "bf16", "--bn-batch", "64"], "resnet56-bf16-bn64"),
+    (["9", "train", "--bn-batch", "128"], "resnet56"),  # the default: the whole batch
+    (["9", "train", "--sync-bn"], "resnet56"),  # one process: the whole batch all the same
 ])
 def test_run_names_follow_the_configuration(argv, name):
     assert run.parse_args(argv).name == name
@@ -270,6 +273,23 @@ def test_resume_with_another_configuration_is_refused(finished_run, synthetic_ci
     assert code == 1
     err = capsys.readouterr().err
     assert "plain" in err and "seed" in err and "--fresh" in err
+
+
+def test_bn_batch_is_the_runs_and_a_resume_with_another_is_refused(synthetic_cifar, tmp_path,
+                                                                    capsys):
+    assert train(synthetic_cifar, tmp_path, "--batch-size", "32", "--bn-batch", "16",
+                 "--iters", "8") == 0
+    folder = tmp_path / "resnet8-iters8-bs32-bn16"
+    with open(folder / "config.json") as f:
+        assert json.load(f)["bn_batch"] == 16
+    model = torch.load(folder / "model.pt", weights_only=True)
+    assert model["config"]["bn_batch"] == 16
+    capsys.readouterr()
+    code = train(synthetic_cifar, tmp_path, "--batch-size", "32", "--bn-batch", "8",
+                 "--iters", "8", "--name", folder.name)
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "bn_batch" in err and "--bn-batch 16" in err
 
 
 def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):

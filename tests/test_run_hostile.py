@@ -396,6 +396,12 @@ BAD_FLAGS = [
     (["1", "train", "--device", "meta"], "--device"),
     (["1", "train", "--name", ""], "--name"),
     (["1", "train", "--name", ".hidden"], "--name"),
+    (["1", "train", "--bn-batch", "0"], "--bn-batch"),
+    (["1", "train", "--bn-batch", "abc"], "--bn-batch"),
+    (["1", "train", "--bn-batch", "48"], "--bn-batch"),  # does not divide 128
+    (["1", "train", "--bn-batch", "256"], "--bn-batch"),
+    (["1", "train", "--batch-size", "96", "--bn-batch", "64"], "--bn-batch"),
+    (["1", "train", "--bn-batch", "64", "--sync-bn"], "--bn-batch"),
 ]
 
 
