@@ -7,7 +7,7 @@ hand: run.py's own pipeline against a reference written the way the popular repr
 Ours is run.py's code path, called, not copied: the data set as one uint8 tensor on the device,
 `cifar_binary.augment`/`normalize` on whole batches, `run.BatchOrder`, `run.train_step` on the
 channels_last model of `run.build_model` with foreach SGD, bf16 through `--amp bf16`, and
-`run.evaluate` (batches of 128 on a CPU, 1000 on a GPU; the uncompiled model, as train() uses it).
+`run.evaluate` (its batches, experiment.EVAL_BATCH; the uncompiled model, as train() uses it).
 The reference, in the same process and on the same images: a torchvision-style Dataset that makes a
 PIL image per item, RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor and Normalize per
 image, a DataLoader (batch 128, shuffled, `--workers` processes), the same ResNet in NCHW float32,
@@ -52,6 +52,7 @@ from torchvision import transforms
 
 import cifar_binary
 import run
+from experiment import EVAL_BATCH, default_data_dir
 from resnet import ResNet
 
 BATCH = 128  # the paper's, and both pipelines'
@@ -94,8 +95,7 @@ def build_parser():
     p.add_argument("--workers", type=run.non_negative_int, default=2,
                    help="DataLoader processes of the reference (the popular repos use 2-4)")
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
-    p.add_argument("--data-dir", default=os.environ.get("CIFAR10_DIR") or
-                   os.path.join("data", "cifar-10-batches-bin"),
+    p.add_argument("--data-dir", default=default_data_dir("cifar10"),
                    help="binary CIFAR-10 (default: $CIFAR10_DIR, else %(default)s); "
                         "random images if the folder does not exist")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
@@ -247,7 +247,7 @@ def train_speed(step, args, device):
 
 def eval_speed(evaluate, count, device):
     """Images/s of one evaluation pass over `count` test images, after a warm-up pass."""
-    evaluate(min(count, 1000))  # at least one of run.evaluate's batches, on any device
+    evaluate(min(count, max(EVAL_BATCH.values())))  # at least one of run.evaluate's batches
     wait(device)
     start = time.perf_counter()
     evaluate(count)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from experiment import DATA_FOLDERS
+
 PIXEL_BYTES = 3 * 32 * 32  # the red, green and blue planes that end every record
 
 
@@ -74,8 +76,8 @@ CIFAR10 = Dataset(
     name="CIFAR-10",
     url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
     md5="c32a1d4ab5d03f1284b67883e8d87530",  # of the official 170,052,171-byte archive
-    archive_dir="cifar-10-batches-bin",
-    env_var="CIFAR10_DIR",
+    env_var=DATA_FOLDERS["cifar10"][0],
+    archive_dir=DATA_FOLDERS["cifar10"][1],
     splits={"train": {f"data_batch_{i}.bin": 10_000 for i in range(1, 6)},
             "test": {"test_batch.bin": 10_000}},
     label_names=("label",),
@@ -91,8 +93,8 @@ CIFAR100 = Dataset(
     name="CIFAR-100",
     url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
     md5="03b5dce01913d631647c71ecec9e9cb8",  # of the official archive
-    archive_dir="cifar-100-binary",
-    env_var="CIFAR100_DIR",
+    env_var=DATA_FOLDERS["cifar100"][0],
+    archive_dir=DATA_FOLDERS["cifar100"][1],
     splits={"train": {"train.bin": 50_000}, "test": {"test.bin": 10_000}},
     label_names=("coarse label", "fine label"),
     label_counts=(20, 100),

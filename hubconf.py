@@ -21,7 +21,8 @@ import os
 import torch
 from torch import nn
 
-import resnet as _resnet
+import resnet
+from experiment import MATRIX  # entry -> (n, plain): option A shortcuts unless plain
 
 dependencies = ["torch"]
 
@@ -32,11 +33,6 @@ PUBLISHED = {
     "resnet56": "results/runs/resnet56-bf16/model.pt",
     "plain20": "results/runs/plain20-bf16/model.pt",
     "plain56": "results/runs/plain56-bf16/model.pt",
-}
-_NETS = {  # entry -> (n, plain): depth 6n+2, option A shortcuts unless plain
-    "resnet20": (3, False), "resnet32": (5, False), "resnet44": (7, False),
-    "resnet56": (9, False), "resnet110": (18, False), "resnet1202": (200, False),
-    "plain20": (3, True), "plain32": (5, True), "plain44": (7, True), "plain56": (9, True),
 }
 
 
@@ -63,9 +59,9 @@ class ToTensorInput(nn.Module):
 
 
 def _model(name, pretrained):
-    n, plain = _NETS[name]
+    n, plain = MATRIX[name]
     if not pretrained:
-        return _resnet.ResNet(n, plain=plain)
+        return resnet.ResNet(n, plain=plain)
     if name not in PUBLISHED:
         raise ValueError(f"{name}: no published weights; pretrained=True exists for "
                          f"{', '.join(PUBLISHED)} (pretrained=False gives the untrained net)")
@@ -78,14 +74,13 @@ def _model(name, pretrained):
     if (config["n"], config["plain"], config["shortcut"]) != (n, plain, "A"):
         raise ValueError(f"{path}: holds n={config['n']}, plain={config['plain']}, shortcut "
                          f"{config['shortcut']}, not {name}")
-    net = _resnet.ResNet(n, plain=plain, num_classes=len(state["model"]["fc.bias"]))
+    net = resnet.ResNet(n, plain=plain, num_classes=len(state["model"]["fc.bias"]))
     net.load_state_dict(state["model"])
     return ToTensorInput(net, state["per_pixel_mean"]).eval()
 
 
 def resnet20(pretrained=False):
-    """ResNet-20 (269,722 parameters). pretrained=True: the published weights (8.26% test
-    error), taking ToTensor() images; see the module docstring."""
+    """ResNet-20 (269,722 parameters); see this module's docstring."""
     return _model("resnet20", pretrained)
 
 

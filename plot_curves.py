@@ -24,23 +24,13 @@ from google.protobuf.message import DecodeError
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 
-from resnet import depth_of
-from run import ADDED_KEYS, with_added_defaults
+from experiment import (ADDED_KEYS, CONFIG_KEYS, PAPER_ERROR, PAPER_SCHEDULE, RECIPE, TEST_ERROR,
+                        TRAIN_ERROR, depth_of, with_added_defaults)
 
-# Table 6 of the paper: best test error (%), and (mean, std) where it gives them (5 runs).
-PAPER_ERROR = {20: (8.75, None), 32: (7.51, None), 44: (7.17, None), 56: (6.97, None),
-               110: (6.43, (6.61, 0.16)), 1202: (7.93, None)}
-# run.py's recipe defaults, restated so that the table needs no torch import.
-PAPER_RECIPE = dict(lr=0.1, batch_size=128, weight_decay=1e-4, momentum=0.9, warmup="auto",
-                    val_size=0, dataset="cifar10")
-PAPER_SCHEDULE = (64_000, (32_000, 48_000))
-# run.py's EXPERIMENT_KEYS but the seed: runs that agree on these are seeds of one configuration.
-CONFIG_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-               "weight_decay", "momentum", "val_size", "warmup", "amp", "dataset", "bn_batch")
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
 SPARE_COLOURS = ("tab:pink", "tab:olive", "tab:cyan", "tab:gray", "black", "gold")
-CURVES = {"train/error", "test/error"}
+CURVES = {TRAIN_ERROR, TEST_ERROR}
 # Figure 6's panels, left to right, and the nets the paper draws in each, as (plain, depth).
 PANELS = {"plain nets": [(True, 20), (True, 32), (True, 44), (True, 56)],
           "ResNets": [(False, 20), (False, 32), (False, 44), (False, 56), (False, 110)],
@@ -56,7 +46,7 @@ def warn(message):
 # ---------------------------------------------------------------- reading run folders
 
 @dataclass
-class Run:
+class RunRecord:
     folder: str
     config: dict
     result: dict = None  # result.json: only once training finished
@@ -85,7 +75,7 @@ class Run:
         """(error %, iteration): the final one, or for an unfinished run its last evaluation."""
         if self.finished:
             return self.result["test_error"], self.result["iterations"]
-        steps, values = self.scalars.get("test/error", ([], []))
+        steps, values = self.scalars.get(TEST_ERROR, ([], []))
         return (values[-1], steps[-1]) if steps else (None, None)
 
 
@@ -174,7 +164,7 @@ def find_runs(logdir):
         if config is None:
             continue  # read_json said why
         config = with_added_defaults(config)
-        run = Run(folder, config,
+        run = RunRecord(folder, config,
                   read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
                   read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
                   load_scalars(folder))
@@ -215,7 +205,7 @@ def label(config, *extra, depth=True, with_schedule=True, with_bn=False):
         notes.append(config["amp"])
     if with_bn:
         notes.append(f"BN {config['bn_batch']}")
-    notes += [f"{k} {config[k]}" for k, v in PAPER_RECIPE.items() if config[k] != v]
+    notes += [f"{k} {config[k]}" for k, v in RECIPE.items() if config[k] != v]
     if with_schedule and schedule_key(config) != PAPER_SCHEDULE:
         notes.append(schedule(config))
     notes += [e for e in extra if e]
@@ -259,7 +249,7 @@ def comparable_with_paper(config):
     whole schedule; other runs get no paper figure to be measured against (bf16 does)."""
     return (not config["plain"] and config["shortcut"] == "A"
             and schedule_key(config) == PAPER_SCHEDULE
-            and all(config[k] == v for k, v in PAPER_RECIPE.items()))
+            and all(config[k] == v for k, v in RECIPE.items()))
 
 
 def table6(runs):
@@ -407,7 +397,7 @@ def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks, with_
         legend = label(run.config, f"median of {count}" if count > 1 else "",
                        "" if run.finished else f"unfinished: {run.iterations:,} iters",
                        with_schedule=with_schedule, with_bn=with_bn)
-        for tag, style in (("test/error", dict(lw=2.2)), ("train/error", dict(lw=1, ls="--"))):
+        for tag, style in ((TEST_ERROR, dict(lw=2.2)), (TRAIN_ERROR, dict(lw=1, ls="--"))):
             if tag in run.scalars:  # the legend entry goes on the bold line when there is one
                 steps, values = run.scalars[tag]
                 ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)

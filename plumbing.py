@@ -9,6 +9,8 @@ import os
 import subprocess
 import time
 
+from experiment import EVAL_BATCH
+
 
 class RunError(Exception):
     """A failure the user can act on; run.py prints it as one line and exits 1."""
@@ -102,7 +104,7 @@ CUDA_RUNTIME = 1 * GiB  # the CUDA context, the cuDNN and cuBLAS kernels it load
 # (lazy loading) and cuBLAS's workspaces: some hundreds of MiB. The context exists already when
 # mem_get_info reads the free memory, so part of this counts twice: margin.
 CUDNN_WORKSPACE = 1 * GiB  # scratch of the convolution algorithms cudnn.benchmark tries
-CUDA_EVAL_BATCH = 1000  # run.evaluate's batch on a GPU (inference: no maps kept)
+CUDA_EVAL_BATCH = EVAL_BATCH["cuda"]  # run.evaluate's batch on a GPU (inference: no maps kept)
 BACKWARD = 8 * 16 * 32 * 32 * 4  # bytes per image: 8 float32 maps of the first stage
 
 

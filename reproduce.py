@@ -30,22 +30,17 @@ from dataclasses import dataclass, field
 import torch
 
 import plot_curves
-import run as run_py
+import run
+from experiment import MATRIX, SPEED
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_PY = os.path.join(HERE, "run.py")
-# Figure 6's and Table 6's nets, name: (N, plain), in the order they run: those the paper's
-# central claims rest on first (ResNet-56 against plain-56 and plain-20), ResNet-1202 last.
-MATRIX = {"resnet56": (9, False), "plain56": (9, True), "plain20": (3, True),
-          "resnet110": (18, False), "resnet32": (5, False), "resnet44": (7, False),
-          "plain32": (5, True), "plain44": (7, True), "resnet20": (3, False),
-          "resnet1202": (200, False)}
 POLL_SECONDS = 0.2     # how often finished processes are noticed
 REFRESH_SECONDS = 5.0  # how often a terminal's overview is redrawn
 
 
 @dataclass
-class Run:
+class PlannedRun:
     """One run of the matrix: its run.py commands (argument lists) and where they are."""
     folder: str    # run.py's run folder
     log: str       # where the commands' output goes
@@ -77,9 +72,9 @@ def parse_args(argv=None):
                     "passed to every run.py command.")
     p.add_argument("--only", nargs="+", choices=list(MATRIX), metavar="NAME",
                    help="these nets only, from: " + " ".join(MATRIX))
-    p.add_argument("--seeds", type=run_py.positive_int, default=1,
+    p.add_argument("--seeds", type=run.positive_int, default=1,
                    help="seeds 0..K-1 of each net (default: %(default)s)")
-    p.add_argument("--jobs", type=run_py.positive_int, default=1,
+    p.add_argument("--jobs", type=run.positive_int, default=1,
                    help="runs at a time; on CPU they split the cores, on G GPUs job slot i "
                         "uses GPU i mod G (default: %(default)s)")
     p.add_argument("--print", action="store_true",
@@ -87,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="folder for Table 6 and the figures "
                                                 "(default: %(default)s)")
     to_run = p.add_argument_group("passed to run.py (its defaults when not given)")
-    to_run.add_argument("--iters", type=run_py.positive_int)
+    to_run.add_argument("--iters", type=run.positive_int)
     to_run.add_argument("--amp", choices=("none", "bf16"))
     to_run.add_argument("--compile", action="store_true")
     to_run.add_argument("--logdir", help="folder of the run folders (run.py's default: logs)")
@@ -123,10 +118,10 @@ def plan(options, extra, threads=None):
     """The runs, each as run.py names its folder (the same parser, so the two never disagree)."""
     runs = []
     for train in training_commands(options, extra, threads):
-        args = run_py.parse_args(train)
+        args = run.parse_args(train)
         folder = os.path.join(args.logdir, args.name)
         test = [train[0], "test", *train[2:]]
-        runs.append(Run(folder, f"{folder}.log", args.iters, args.batch_size, [train, test]))
+        runs.append(PlannedRun(folder, f"{folder}.log", args.iters, args.batch_size, [train, test]))
     return runs
 
 
@@ -158,15 +153,15 @@ def placement(jobs, runs_count, extra):
 
 # ---------------------------------------------------------------- running them
 
-def settle_finished(run):
+def settle_finished(planned):
     """What is left to do for a run: training unless result.json is there, then the test
     unless test.json is there and of the final weights (not of a checkpoint tested while the
     run trained). A run with both is done and is not started."""
-    trained = os.path.exists(os.path.join(run.folder, "result.json"))
-    test = plot_curves.read_json(os.path.join(run.folder, "test.json"), ("iteration",))
-    tested = trained and test is not None and plot_curves.of_final_weights(test, run.iters)
-    run.todo = [c for c, done in zip(run.commands, (trained, tested)) if not done]
-    run.state = "waiting" if run.todo else "done"
+    trained = os.path.exists(os.path.join(planned.folder, "result.json"))
+    test = plot_curves.read_json(os.path.join(planned.folder, "test.json"), ("iteration",))
+    tested = trained and test is not None and plot_curves.of_final_weights(test, planned.iters)
+    planned.todo = [c for c, done in zip(planned.commands, (trained, tested)) if not done]
+    planned.state = "waiting" if planned.todo else "done"
 
 
 def die_with_parent():
@@ -176,31 +171,31 @@ def die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_next(run):
+def start_next(planned):
     """Start the run's next command, its output appended to the run's log."""
-    command = run.todo.pop(0)
-    os.makedirs(os.path.dirname(run.log) or ".", exist_ok=True)
-    with open(run.log, "a") as log:
-        log.write(f"$ {shell_line(command, run.env)}\n")
+    command = planned.todo.pop(0)
+    os.makedirs(os.path.dirname(planned.log) or ".", exist_ok=True)
+    with open(planned.log, "a") as log:
+        log.write(f"$ {shell_line(command, planned.env)}\n")
         log.flush()
-        run.process = subprocess.Popen([sys.executable, RUN_PY, *command], stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=run.env, preexec_fn=die_with_parent)
-    run.state, run.phase = "running", command[1]
+        planned.process = subprocess.Popen([sys.executable, RUN_PY, *command], stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=planned.env, preexec_fn=die_with_parent)
+    planned.state, planned.phase = "running", command[1]
 
 
-def advance(run, stopping):
+def advance(planned, stopping):
     """Notice a run's process that ended: start its next command, or settle its state."""
-    code = run.process.poll()
+    code = planned.process.poll()
     if code is None:
         return
-    run.process, run.returncode = None, code
+    planned.process, planned.returncode = None, code
     if code != 0:
-        run.state = "stopped" if stopping else "failed"
-    elif run.todo and not stopping:
-        start_next(run)
+        planned.state = "stopped" if stopping else "failed"
+    elif planned.todo and not stopping:
+        start_next(planned)
     else:
-        run.state = "done" if not run.todo else "stopped"
+        planned.state = "done" if not planned.todo else "stopped"
 
 
 @contextlib.contextmanager
@@ -209,9 +204,9 @@ def forwarding_signals(runs, received):
     no run starts after one."""
     def forward(signum, frame):
         received.append(signum)
-        for run in runs:
-            if run.process is not None and run.process.returncode is None:
-                run.process.send_signal(signum)
+        for planned in runs:
+            if planned.process is not None and planned.process.returncode is None:
+                planned.process.send_signal(signum)
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -226,20 +221,20 @@ def run_all(runs, jobs, gpus, overview):
     slots, received = [None] * jobs, []  # slot -> the run in it
     with forwarding_signals(runs, received):
         while True:
-            for run in runs:
-                if run.process is not None:
-                    advance(run, stopping=bool(received))
+            for planned in runs:
+                if planned.process is not None:
+                    advance(planned, stopping=bool(received))
             slots = [r if r is not None and r.state == "running" else None for r in slots]
             waiting = [r for r in runs if r.state == "waiting"]
             for slot in [i for i, r in enumerate(slots) if r is None][:len(waiting)]:
                 if received:
                     break
-                run = slots[slot] = waiting.pop(0)
+                planned = slots[slot] = waiting.pop(0)
                 if gpus:
-                    run.env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
-                start_next(run)
+                    planned.env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)])
+                start_next(planned)
                 if received:  # came while it started, too late to be forwarded to it
-                    run.process.send_signal(received[-1])
+                    planned.process.send_signal(received[-1])
             overview.update(runs)
             if not any(r.state == "running" for r in runs) and (received or not waiting):
                 return received
@@ -248,15 +243,15 @@ def run_all(runs, jobs, gpus, overview):
 
 # ---------------------------------------------------------------- the overview
 
-def progress(run):
+def progress(planned):
     """(iteration, images per second) of a training run, from its event files (which run.py
     flushes every 30 s); (0, None) before the first."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # a live file may end mid-record
-            scalars = plot_curves.load_scalars(run.folder)
+            scalars = plot_curves.load_scalars(planned.folder)
     except OSError:
         return 0, None
-    steps, speeds = scalars.get("speed/images_per_second", ([], []))
+    steps, speeds = scalars.get(SPEED, ([], []))
     return (steps[-1], speeds[-1]) if steps else (0, None)
 
 
@@ -274,22 +269,23 @@ def duration(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
-def describe(run):
+def state_detail(planned):
     """What the overview says of a run after its name and state."""
-    if run.state == "done":
-        result = plot_curves.read_json(os.path.join(run.folder, "result.json"), ("test_error",))
+    if planned.state == "done":
+        result = plot_curves.read_json(os.path.join(planned.folder, "result.json"),
+                                       ("test_error",))
         return f"test error {result['test_error']:.2f}%" if result else ""
-    if run.state in ("failed", "stopped"):
-        return f"exit {run.returncode}: {last_line(run.log)}"
-    if run.state == "running" and run.phase == "test":
+    if planned.state in ("failed", "stopped"):
+        return f"exit {planned.returncode}: {last_line(planned.log)}"
+    if planned.state == "running" and planned.phase == "test":
         return "test: layer responses (Figure 7)"
-    if run.state == "running":
-        iteration, speed = progress(run)
-        line = f"{iteration:,}/{run.iters:,} iters"
+    if planned.state == "running":
+        iteration, speed = progress(planned)
+        line = f"{iteration:,}/{planned.iters:,} iters"
         if speed:
-            left = (run.iters - iteration) * run.batch_size / speed
+            left = (planned.iters - iteration) * planned.batch_size / speed
             line += f"  {speed:,.0f} img/s  {duration(left)} left"
-        return line + (f"  (GPU {run.env['CUDA_VISIBLE_DEVICES']})" if run.env else "")
+        return line + (f"  (GPU {planned.env['CUDA_VISIBLE_DEVICES']})" if planned.env else "")
     return ""
 
 
@@ -299,7 +295,7 @@ def overview_lines(runs):
     width = max(len(r.name) for r in runs)
     head = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
     return [f"{time.strftime('%H:%M:%S')}  {head}"] + [
-        f"  {r.name:<{width}}  {r.state:<8} {describe(r)}".rstrip() for r in runs]
+        f"  {r.name:<{width}}  {r.state:<8} {state_detail(r)}".rstrip() for r in runs]
 
 
 class Overview:
@@ -328,13 +324,13 @@ class Overview:
 
 # ---------------------------------------------------------------- main
 
-def report(runs, received):
+def exit_status(runs, received):
     """The exit code, after naming each run that failed or was stopped, with its log's last
     line."""
-    for run in runs:
-        if run.state in ("failed", "stopped"):
-            print(f"{run.name} {run.state} (exit {run.returncode}); {run.log} ends with: "
-                  f"{last_line(run.log)}", file=sys.stderr)
+    for planned in runs:
+        if planned.state in ("failed", "stopped"):
+            print(f"{planned.name} {planned.state} (exit {planned.returncode}); {planned.log} "
+                  f"ends with: {last_line(planned.log)}", file=sys.stderr)
     if received:
         print(f"stopped by signal {received[0]}: rerun the same command to resume",
               file=sys.stderr)
@@ -348,17 +344,17 @@ def main(argv=None):
     threads, gpus = placement(options.jobs, count, extra)
     runs = plan(options, extra, threads)
     if options.print:
-        for run in runs:
-            print(" && ".join(shell_line(command) for command in run.commands))
+        for planned in runs:
+            print(" && ".join(shell_line(command) for command in planned.commands))
         return 0
-    for run in runs:
-        settle_finished(run)
+    for planned in runs:
+        settle_finished(planned)
     received = run_all(runs, options.jobs, gpus, Overview(sys.stdout))
     plot_code = 0
     if not received:  # Table 6 and the figures, from whatever has finished
         logdir = os.path.dirname(runs[0].folder) or "."
         plot_code = plot_curves.main(["--logdir", logdir, "--out", options.out])
-    return report(runs, received) or plot_code
+    return exit_status(runs, received) or plot_code
 
 
 if __name__ == "__main__":

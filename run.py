@@ -28,34 +28,13 @@ import torch.nn.functional as F
 
 import cifar_binary
 from ddp import World, from_rank_0, ranks_agree, sync_batchnorm
+from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, TRAIN_ERROR,
+                        TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, default_data_dir, depth_of,
+                        with_added_defaults, without_added_defaults)
 from plumbing import (RunError, atomic_write, available_memory, git_commit, keep_freed_memory,
                       run_folder, training_memory_bound, write_json)
-from resnet import LayerResponses, ResNet, count_parameters, depth_of
+from resnet import LayerResponses, ResNet, count_parameters
 
-# The paper's recipe, Section 4.2 (and 3.4), in one place.
-PAPER = dict(
-    lr=0.1,                     # "We start with a learning rate of 0.1,
-    milestones=(32_000, 48_000),  # divide it by 10 at 32k and 48k iterations,
-    iters=64_000,               # and terminate training at 64k iterations"
-    batch_size=128,             # "mini-batch size of 128"
-    weight_decay=1e-4,          # "weight decay of 0.0001
-    momentum=0.9,               # and momentum of 0.9"
-    warmup_lr=0.01,             # ResNet-110: "use 0.01 to warm up the training
-    warmup_until_error=80.0,    # until the training error is below 80% (about 400 iterations)"
-    warmup_min_n=18,            # warm-up by default from ResNet-110 (n=18) on
-    bn_batch=64,                # "on two GPUs": BN of the time normalised each GPU's 64 images
-)
-WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
-# Settings that define the experiment: a resume must not change them.
-EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch_size",
-                   "weight_decay", "momentum", "seed", "val_size", "warmup", "amp", "dataset",
-                   "bn_batch")
-# Experiment settings added since the first checkpoints, with the value every run had before (a
-# function of its configuration): a checkpoint or config.json without one reads as that value
-# (and keeps its digest), so that older runs still resume and their weights still test. Before
-# --bn-batch, one process normalised over its whole batch (every published run is one process).
-ADDED_KEYS = {"dataset": lambda config: "cifar10",
-              "bn_batch": lambda config: config.get("batch_size")}
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
 # both also hold "digest", the sha256 of the rest (tensor_digest).
 CHECKPOINT_FORMAT = 1
@@ -123,19 +102,19 @@ def build_parser():
     rec.add_argument("--milestones", type=positive_int, nargs="+", default=None,
                      help="iterations at which the lr is divided by 10 (default: 32000 48000, "
                           "or 1/2 and 3/4 of --iters when --iters is given)")
-    rec.add_argument("--lr", type=positive_float, default=PAPER["lr"], help="initial learning rate")
-    rec.add_argument("--batch-size", type=positive_int, default=PAPER["batch_size"],
+    rec.add_argument("--lr", type=positive_float, default=RECIPE["lr"], help="initial learning rate")
+    rec.add_argument("--batch-size", type=positive_int, default=RECIPE["batch_size"],
                      help="global batch (split among processes under torchrun)")
-    rec.add_argument("--weight-decay", type=non_negative_float, default=PAPER["weight_decay"],
+    rec.add_argument("--weight-decay", type=non_negative_float, default=RECIPE["weight_decay"],
                      help="L2 weight decay, on every parameter")
-    rec.add_argument("--momentum", type=non_negative_float, default=PAPER["momentum"],
+    rec.add_argument("--momentum", type=non_negative_float, default=RECIPE["momentum"],
                      help="SGD momentum")
-    rec.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
+    rec.add_argument("--warmup", choices=("auto", "on", "off"), default=RECIPE["warmup"],
                      help=f"lr {PAPER['warmup_lr']} until training error < "
                           f"{PAPER['warmup_until_error']:.0f}%%; auto: for N >= {PAPER['warmup_min_n']}")
     rec.add_argument("--seed", type=non_negative_int, default=0,
                      help="initial weights, batch order and augmentation")
-    rec.add_argument("--val-size", type=non_negative_int, default=0,
+    rec.add_argument("--val-size", type=non_negative_int, default=RECIPE["val_size"],
                      help="hold out the last K training images (paper's analysis: 5000)")
     rec.add_argument("--bn-batch", type=positive_int, default=None, metavar="K",
                      help="batch norm statistics over each group of K consecutive images of a "
@@ -145,7 +124,8 @@ def build_parser():
     rec.add_argument("--amp", choices=("none", "bf16"), default="none",
                      help="bf16 autocast with float32 weights and BN statistics")
     data = p.add_argument_group("data and run folder")
-    data.add_argument("--dataset", choices=tuple(cifar_binary.DATASETS), default="cifar10",
+    data.add_argument("--dataset", choices=tuple(cifar_binary.DATASETS),
+                      default=RECIPE["dataset"],
                       help="cifar100: train and test on CIFAR-100's 100 fine labels")
     data.add_argument("--data-dir", default=None,
                       help="folder of the binary files (default: $CIFAR10_DIR, else "
@@ -271,7 +251,7 @@ def default_name(args):
     parts = [f"{'plain' if args.plain else 'resnet'}{depth_of(args.n)}"]
     if args.shortcut != "A" and not args.plain:
         parts.append(args.shortcut)
-    if args.dataset != "cifar10":  # the paper's
+    if args.dataset != RECIPE["dataset"]:  # the paper's
         parts.append(args.dataset)
     if args.amp != "none":
         parts.append(args.amp)
@@ -283,7 +263,7 @@ def default_name(args):
                        ("momentum", "mom")):
         if getattr(args, key) != PAPER[key]:
             parts.append(f"{label}{getattr(args, key):g}")
-    if args.warmup != "auto":
+    if args.warmup != RECIPE["warmup"]:
         parts.append(f"warmup-{args.warmup}")
     if args.bn_batch != default_bn_batch(args, World.from_environment()):
         parts.append(f"bn{args.bn_batch}")
@@ -292,12 +272,6 @@ def default_name(args):
     if args.seed:
         parts.append(f"seed{args.seed}")
     return "-".join(parts)
-
-
-def default_data_dir(dataset):
-    """$CIFAR10_DIR or $CIFAR100_DIR (the data set's env_var), else data/<its archive's folder>."""
-    ds = cifar_binary.get_dataset(dataset)
-    return os.environ.get(ds.env_var) or os.path.join("data", ds.archive_dir)
 
 
 def default_milestones(iters):
@@ -392,8 +366,7 @@ def evaluate(model, images, labels, mean, amp):
     was_training = model.training
     model.eval()
     device = images.device
-    # Measured: a CPU evaluates fastest with batches whose activations stay in its caches.
-    batch_size = 128 if device.type == "cpu" else 1000
+    batch_size = EVAL_BATCH[device.type]
     sharded = dist.is_initialized()
     mine = slice(dist.get_rank(), None, dist.get_world_size()) if sharded else slice(None)
     classes = None  # the network's outputs, known from its first batch
@@ -440,19 +413,6 @@ def tensor_digest(state):
     visit({k: without_added_defaults(v) if k == "config" else v
            for k, v in state.items() if k != "digest"})
     return digest.hexdigest()
-
-
-def with_added_defaults(config):
-    """An experiment configuration (a checkpoint's, config.json's) as of today: every key of
-    ADDED_KEYS that it lacks at the value runs had before the key was added."""
-    return {**config, **{k: before(config) for k, before in ADDED_KEYS.items() if k not in config}}
-
-
-def without_added_defaults(config):
-    if not isinstance(config, dict):
-        return config
-    return {k: v for k, v in config.items()
-            if not (k in ADDED_KEYS and v == ADDED_KEYS[k](config))}
 
 
 def on_cpu(value):
@@ -655,7 +615,7 @@ def describe(config):
     return net
 
 
-def report(config, params, test_result):
+def result_fields(config, params, test_result):
     """The fields result.json and test.json share: the network and its test error."""
     return {"test_error": test_result["error"], "test_loss": test_result["loss"],
             "depth": depth_of(config["n"]), "params": params, "plain": config["plain"],
@@ -845,7 +805,7 @@ class TrainingClock:
 
 # ---------------------------------------------------------------- the phases of a training run
 
-class Run:
+class TrainingRun:
     """What a training run's phases share: the network, optimizer and data on the device,
     where the run stands (iteration, warm-up, window, clock) and where it writes."""
 
@@ -961,17 +921,17 @@ class Run:
                            f"{self.iteration} (lr {lr:g}); the last good checkpoint "
                            f"{self.checkpoint_path} is kept")
         train_error, speed = 100.0 * wrong / count, count / elapsed if elapsed > 0 else 0.0
-        for tag, value in (("train/loss", loss_sum / count), ("train/error", train_error),
-                           ("lr", lr), ("speed/images_per_second", speed)):
+        for tag, value in ((TRAIN_LOSS, loss_sum / count), (TRAIN_ERROR, train_error),
+                           (LR, lr), (SPEED, speed)):
             self.log(tag, value)
         self.bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
                              lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
         if self.warmup.window_closed(self.iteration, train_error):
-            self.log("warmup/ended_at", self.iteration)
+            self.log(WARMUP_ENDED, self.iteration)
             self.say(f"warm-up ended at iteration {self.iteration} "
                      f"(train error {train_error:.1f}%)")
 
-    def evaluate(self):
+    def evaluate_and_log(self):
         """Test (and validation) error and loss, logged; the model in eval mode."""
         with self.clock.paused():
             if self.world.size > 1:  # rank 0's BN statistics, as saved, for every shard
@@ -987,7 +947,7 @@ class Run:
         return results
 
     def report_evaluation(self):
-        results = self.evaluate()
+        results = self.evaluate_and_log()
         self.say(f"iter {self.iteration}: test error {results['test']['error']:.2f}%"
                  + (f", val error {results['val']['error']:.2f}%" if "val" in results else "")
                  + f", epoch {self.order.epoch_of(self.iteration):.1f}")
@@ -1031,7 +991,7 @@ class Run:
         """The final evaluation (never a best one picked on the test set), then result.json and
         model.pt, the final weights to share. A signal during the evaluation stops the run
         before them (the rerun evaluates again); one during the writes lets them complete."""
-        results = self.evaluate()
+        results = self.evaluate_and_log()
         if self.signals:
             return self.stopped()
         if self.lead:
@@ -1046,7 +1006,7 @@ class Run:
     def write_results(self, results):
         """result.json and model.pt."""
         seconds = self.clock.seconds
-        result = {**report(self.config, self.params, results["test"]),
+        result = {**result_fields(self.config, self.params, results["test"]),
                   **({"val_error": results["val"]["error"]} if "val" in results else {}),
                   "iterations": self.iteration, "seed": self.config["seed"],
                   "amp": self.config["amp"], "warmup_end": self.warmup.ended_at,
@@ -1074,7 +1034,7 @@ def train(args):
         if state == "finished":
             return 0
         # Build the network and optimizer, restored from the checkpoint when resuming.
-        run = stack.enter_context(Run(args, config, world, device, data, folder, state))
+        run = stack.enter_context(TrainingRun(args, config, world, device, data, folder, state))
         # Train: a step per iteration; a window's statistics; an evaluation; a checkpoint.
         iters = config["iters"]
         while run.iteration < iters and not run.stopping:
@@ -1118,7 +1078,7 @@ def test(args):
     with LayerResponses(model) as responses:
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
     classes = cifar_binary.get_dataset(config["dataset"]).classes
-    test_report = {**report(config, count_parameters(model), result),
+    test_report = {**result_fields(config, count_parameters(model), result),
                    "dataset": config["dataset"],
                    "per_class_error": dict(zip(classes, result["per_class_error"])),
                    "iteration": iteration, "iters": config["iters"], "final_weights": final,

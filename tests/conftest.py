@@ -50,3 +50,8 @@ def restore_float32_settings():
     yield
     for name, setting in run.float32_settings().items():
         setting.fp32_precision = before[name]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains in subprocesses, runs torchrun, a download "
+                            "server or real-data evaluations; `-m 'not slow'` is the fast tier")

@@ -152,7 +152,7 @@ def test_running_out_of_gpu_memory_is_one_line(synthetic_cifar, tmp_path, monkey
     def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
 
-    monkeypatch.setattr(run.Run, "step", out_of_memory)
+    monkeypatch.setattr(run.TrainingRun, "step", out_of_memory)
     assert run.main(["1", "train", "--data-dir", synthetic_cifar, "--logdir", str(tmp_path),
                      "--iters", "4", "--threads", "2"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()

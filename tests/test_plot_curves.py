@@ -12,6 +12,7 @@ from matplotlib.colors import to_rgba
 from torch.utils.tensorboard import SummaryWriter
 
 import plot_curves
+from conftest import ROOT
 
 PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19_421_274}
 
@@ -425,9 +426,11 @@ def test_markdown_only_writes_the_table_without_importing_matplotlib(tmp_path):
 
 def test_missing_or_empty_logdir_exits_1_with_one_line(tmp_path, capsys):
     assert plot_curves.main(["--logdir", str(tmp_path / "nowhere")]) == 1
-    assert capsys.readouterr().err == f"error: --logdir {tmp_path / 'nowhere'}: no such folder\n"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--logdir {tmp_path / 'nowhere'}" in err
     assert plot_curves.main(["--logdir", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == f"error: no runs found in logdir {tmp_path}\n"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path) in err
 
 
 def test_bad_ylim_is_a_usage_error(capsys):
@@ -437,10 +440,7 @@ def test_bad_ylim_is_a_usage_error(capsys):
     assert "--ylim: expected two finite numbers LO < HI" in capsys.readouterr().err
 
 
-def test_restated_recipe_matches_run_py():
-    import run
-    assert plot_curves.CONFIG_KEYS == tuple(k for k in run.EXPERIMENT_KEYS if k != "seed")
-    assert plot_curves.ADDED_KEYS == run.ADDED_KEYS
-    defaults = run.parse_args(["3", "train"])
-    assert {k: getattr(defaults, k) for k in plot_curves.PAPER_RECIPE} == plot_curves.PAPER_RECIPE
-    assert plot_curves.PAPER_SCHEDULE == (run.PAPER["iters"], run.PAPER["milestones"])
+def test_the_tables_and_the_plan_need_no_torch():
+    code = ("import sys, experiment, plot_curves; "
+            "sys.exit('torch' in sys.modules or 'run' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -10,14 +10,16 @@ import pytest
 import hubconf
 import plot_curves
 import run
+from experiment import MATRIX
 from resnet import ResNet, count_parameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results")
 RUNS = os.path.join(RESULTS, "runs")
 PARITY = os.path.join(RESULTS, "parity")  # float32 against bf16, 1/10 of the schedule
-# Each folder of run folders, and where its table6.md is published.
+# Each folder of run folders, where its table6.md is published, and the page that quotes it.
 TABLES = [(RUNS, RESULTS), (PARITY, PARITY)]
+QUOTED_IN = {RESULTS: os.path.join(ROOT, "README.md"), PARITY: os.path.join(RESULTS, "README.md")}
 
 
 def read_json(folder, name):
@@ -50,7 +52,7 @@ def test_published_weights_are_the_finished_full_schedule_run_of_their_net(entry
     assert config == run.with_added_defaults(
         {k: v for k, v in read_json(folder, "config.json").items()
          if k in run.EXPERIMENT_KEYS})
-    n, plain = hubconf._NETS[entry]
+    n, plain = MATRIX[entry]
     assert (config["n"], config["plain"], config["shortcut"]) == (n, plain, "A")
     assert config["iters"] == state["iteration"] == result["iterations"] == 64_000
     assert config["milestones"] == [32_000, 48_000]
@@ -62,7 +64,7 @@ def test_published_weights_are_the_finished_full_schedule_run_of_their_net(entry
 @pytest.mark.parametrize("entry", hubconf.PUBLISHED)
 def test_published_weights_evaluate_to_the_published_test_error(entry, real_cifar, tmp_path):
     folder = published_folder(entry)
-    n, plain = hubconf._NETS[entry]
+    n, plain = MATRIX[entry]
     # A copy, so that the test.json written next to it does not touch results/.
     checkpoint = tmp_path / "model.pt"
     shutil.copyfile(os.path.join(folder, "model.pt"), checkpoint)
@@ -86,7 +88,7 @@ def test_published_table_is_what_plot_curves_makes_of_the_published_runs(runs, o
 
 @pytest.mark.parametrize("out", [out for _, out in TABLES])
 def test_readme_shows_the_published_table(out):
-    with open(os.path.join(out, "table6.md")) as table, open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(out, "table6.md")) as table, open(QUOTED_IN[out]) as f:
         rows = [line for line in table.read().splitlines() if line.startswith("|")]
         readme = f.read()
     assert rows and all(line in readme for line in rows)

@@ -241,7 +241,7 @@ def test_jobs_take_the_gpus_in_turn(monkeypatch):
 # ---------------------------------------------------------------- the overview
 
 def test_overview_in_a_log_is_printed_once_per_change_of_state(tmp_path):
-    runs = [reproduce.Run(str(tmp_path / name), str(tmp_path / f"{name}.log"), 64_000, 128, [])
+    runs = [reproduce.PlannedRun(str(tmp_path / name), str(tmp_path / f"{name}.log"), 64_000, 128, [])
             for name in ("resnet56", "plain56")]
     stream = io.StringIO()
     overview = reproduce.Overview(stream)
@@ -258,9 +258,9 @@ def test_overview_in_a_log_is_printed_once_per_change_of_state(tmp_path):
 
 def test_overview_shows_iteration_speed_and_time_left_from_the_event_files(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
-    run_ = reproduce.Run(str(tmp_path / "resnet56"), str(tmp_path / "resnet56.log"), 64_000, 128,
+    run_ = reproduce.PlannedRun(str(tmp_path / "resnet56"), str(tmp_path / "resnet56.log"), 64_000, 128,
                          [], state="running", phase="train")
     with SummaryWriter(run_.folder) as writer:
         writer.add_scalar("speed/images_per_second", 640.0, 100)
         writer.add_scalar("speed/images_per_second", 512.0, 16_000)
-    assert reproduce.describe(run_) == "16,000/64,000 iters  512 img/s  3h20m left"
+    assert reproduce.state_detail(run_) == "16,000/64,000 iters  512 img/s  3h20m left"
