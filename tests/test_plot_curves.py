@@ -136,6 +136,33 @@ def test_table_gives_best_mean_std_over_seeds(tmp_path):
     assert cells[2:] == ["0.27M", "8.00 (8.67±0.76)", "8.75", "-0.75", "3", "64,000"]
 
 
+def write_test_curve(folder, points):
+    """A test error curve [(iteration, error %)] in the run folder's event file."""
+    writer = SummaryWriter(folder)
+    for step, error in points:
+        writer.add_scalar("test/error", error, step)
+    writer.close()
+
+
+def test_final_test_error_is_the_result_never_the_best_evaluation(tmp_path):
+    # Seeds whose test error dipped below where it ended (final -> the curve's lowest): by
+    # final error the median is seed 2 (8.0), by lowest evaluation seed 1 (7.0).
+    curves = {9.0: [30.0, 5.0, 6.0], 7.0: [30.0, 12.0, 7.5], 8.0: [30.0, 7.75, 7.875]}
+    for seed, (final, points) in enumerate(curves.items()):
+        folder = make_run(str(tmp_path), f"resnet20-seed{seed}", seed=seed, final=final,
+                          events=False)
+        write_test_curve(folder, zip((16_000, 32_000, 48_000, 64_000), points + [final]))
+    folder = make_run(str(tmp_path), "resnet20-seed3", seed=3, stop_at=48_000, events=False)
+    write_test_curve(folder, [(16_000, 30.0), (32_000, 20.0), (48_000, 25.0)])
+    runs = plot_curves.find_runs(str(tmp_path))
+    table = plot_curves.table6(runs)
+    assert row(table, "ResNet", 20)[3:7] == ["7.00 (8.00±1.00)", "8.75", "-1.75", "3"]
+    unfinished = row(table, "ResNet (unfinished: 48,000 / 64,000 iters)", 20)
+    assert unfinished[3] == "25.00 (last eval, iter 48,000)"
+    _, ax, _ = plot_curves.figure6(runs).axes
+    assert list(ax.lines[0].get_ydata()) == [30.0, 7.75, 7.875, 8.0]  # the median, by final
+
+
 def test_unfinished_run_gets_its_own_labelled_row_outside_the_mean(tmp_path):
     make_run(str(tmp_path), "a", n=18, seed=1, final=6.0)
     make_run(str(tmp_path), "b", n=18, seed=2, final=7.0)
@@ -292,6 +319,18 @@ def test_figure6_draws_the_median_seed(tmp_path):
     assert len(ax.lines) == 2
     assert ax.lines[0].get_ydata()[-1] == 8.0
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ResNet-20 (median of 3)"]
+
+
+def test_figures_draw_the_lower_middle_seed_of_an_even_count(tmp_path):
+    for seed, error in enumerate([9.0, 7.0, 10.0, 8.0]):
+        make_run(str(tmp_path), f"resnet20-seed{seed}", seed=seed, final=error,
+                 responses=[error] * 19)
+    runs = plot_curves.find_runs(str(tmp_path))
+    _, ax, _ = plot_curves.figure6(runs).axes
+    assert ax.lines[0].get_ydata()[-1] == 8.0  # of 7, 8, 9, 10
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ResNet-20 (median of 4)"]
+    top, _ = plot_curves.figure7(runs).axes
+    assert list(top.lines[0].get_ydata()) == [8.0] * 19
 
 
 def test_figure6_labels_a_single_shorter_schedule_in_the_legend(tmp_path):

@@ -182,6 +182,17 @@ def test_checkpoint_loads_weights_only_without_wrapper_prefixes(finished_run):
     model.load_state_dict(state["model"])
 
 
+def test_a_run_ends_with_a_checkpoint_of_its_final_iteration(synthetic_cifar, tmp_path,
+                                                             monkeypatch):
+    # Checkpoints, not test errors: a stand-in for the final evaluation of 10,000 images.
+    monkeypatch.setattr(run, "evaluate", lambda *args: {"error": 50.0, "loss": 2.0})
+    assert train(synthetic_cifar, tmp_path, "--iters", "6") == 0  # --ckpt-every 4: at 4 and 6
+    folder = tmp_path / "resnet8-iters6"
+    state, final = checkpoint_of(folder), torch.load(folder / "model.pt", weights_only=True)
+    assert state["iteration"] == final["iteration"] == 6
+    assert all(torch.equal(state["model"][k], final["model"][k]) for k in final["model"])
+
+
 def test_final_weights_evaluate_alone_to_the_runs_test_error(finished_run, synthetic_cifar,
                                                              capsys):
     model_path = os.path.join(finished_run, "model.pt")
