@@ -55,3 +55,14 @@ def restore_float32_settings():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains in subprocesses, runs torchrun, a download "
                             "server or real-data evaluations; `-m 'not slow'` is the fast tier")
+
+
+# Fixtures that train a run or need the real data or a GPU: a test that uses one is slow.
+SLOW_FIXTURES = {"real_cifar", "gpu_environment", "finished_run", "reference", "stopped",
+                 "matrix"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

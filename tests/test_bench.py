@@ -69,6 +69,7 @@ def number(cell):
     return float(cell.replace(",", "").removesuffix("x"))
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_one_row_per_pipeline_with_positive_ratios(tmp_path, capsys,
                                                                    restore_threads,
                                                                    restore_float32_settings):

@@ -125,6 +125,7 @@ def torchrun(script, tmp_path, *argv):
          str(script), *argv], capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_an_error_in_any_process_is_printed_with_its_rank(synthetic_cifar, tmp_path):
     script = tmp_path / "only_rank_1_fails.py"
     script.write_text(
@@ -140,6 +141,7 @@ def test_an_error_in_any_process_is_printed_with_its_rank(synthetic_cifar, tmp_p
     assert "error: [rank 1] data_batch_1.bin: missing on this node" in result.stderr
 
 
+@pytest.mark.slow
 def test_under_torchrun_each_evaluation_is_reported_once(synthetic_cifar, tmp_path):
     result = torchrun(os.path.join(ROOT, "run.py"), tmp_path, "1", "train", "--data-dir",
                       synthetic_cifar, "--iters", "4", "--eval-every", "2", "--log-every", "2",
@@ -148,6 +150,7 @@ def test_under_torchrun_each_evaluation_is_reported_once(synthetic_cifar, tmp_pa
     assert (result.stdout + result.stderr).count("iter 2: test error") == 1
 
 
+@pytest.mark.slow
 def test_running_out_of_gpu_memory_is_one_line(synthetic_cifar, tmp_path, monkeypatch, capsys):
     def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")

@@ -15,6 +15,8 @@ import ddp
 import run
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # torchrun and spawned processes
+
 FLAGS = ["--log-every", "2", "--eval-every", "1000", "--threads", "1"]
 
 

@@ -21,6 +21,8 @@ import run
 from cifar_binary import ARCHIVE_DIR, CIFAR100, DataError, download, load_split
 from test_run import TINY
 
+pytestmark = pytest.mark.slow  # a download server
+
 ARCHIVE = "cifar-10-binary.tar.gz"
 BATCHES = cifar_binary.SPLIT_FILES["train"] + cifar_binary.SPLIT_FILES["test"]
 ARCHIVE100 = "cifar-100-binary.tar.gz"

@@ -11,6 +11,8 @@ import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses on a GPU
+
 FLAGS = ["--iters", "30", "--log-every", "5", "--eval-every", "10", "--ckpt-every", "5",
          "--device", "cuda", "--deterministic"]
 

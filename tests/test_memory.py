@@ -64,6 +64,7 @@ def two_maps_per_layer(n, batch_size):
     return 4 * batch_size * n * 2 * 2 * (16 * 32 * 32 + 32 * 16 * 16 + 64 * 8 * 8)
 
 
+@pytest.mark.slow
 def test_the_bound_covers_the_measured_peak_of_a_short_run(synthetic_cifar, tmp_path):
     code, err, peak = peak_memory(["1", "train", "--batch-size", "64", "--data-dir",
                                    synthetic_cifar, "--logdir", tmp_path, "--threads", "1",
@@ -73,6 +74,7 @@ def test_the_bound_covers_the_measured_peak_of_a_short_run(synthetic_cifar, tmp_
     assert peak < bound, f"peak {peak / 2**30:.2f} GiB, bound {bound / 2**30:.2f} GiB"
 
 
+@pytest.mark.slow
 def test_a_batch_that_fits_two_maps_per_layer_but_not_training_is_refused_before_it_starts(
         synthetic_cifar, tmp_path):
     """The case of `run.py 1 train --batch-size 50000` on a 24 GiB machine, sized to this

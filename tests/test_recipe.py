@@ -15,7 +15,14 @@ import cifar_binary
 import plot_curves
 import run
 from resnet import LayerResponses, ResNet
-from test_run import checkpoint_of, sigterm_after, train
+from test_run import checkpoint_of, few_test_images, sigterm_after, train
+
+
+@pytest.fixture(autouse=True)
+def quick_evaluations():
+    """These tests look at training; its evaluations need not cover the whole test set."""
+    with few_test_images():
+        yield
 
 
 @pytest.fixture

@@ -149,6 +149,7 @@ def test_a_rerun_skips_finished_runs_and_retries_the_failed_one(matrix):
     assert overview_row(out, "plain20-iters12")[1] == "done"
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_the_runs_which_checkpoint_and_stop(synthetic_cifar, tmp_path):
     args = argv(synthetic_cifar, tmp_path, "--only", "plain20", "--iters", "400")
     folder = tmp_path / "logs" / "plain20-iters400"

@@ -47,6 +47,16 @@ def sigterm_after(steps):
         yield
 
 
+@contextlib.contextmanager
+def few_test_images(count=500):
+    """Evaluations on the first `count` test images, for tests about something else."""
+    real = run.load_data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "load_data", lambda args, split: tuple(
+            t[:count] if split == "test" else t for t in real(args, split)))
+        yield
+
+
 def checkpoint_of(folder):
     return torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)
 
@@ -182,6 +192,7 @@ def test_checkpoint_loads_weights_only_without_wrapper_prefixes(finished_run):
     model.load_state_dict(state["model"])
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_a_checkpoint_of_its_final_iteration(synthetic_cifar, tmp_path,
                                                              monkeypatch):
     # Checkpoints, not test errors: a stand-in for the final evaluation of 10,000 images.
@@ -262,6 +273,7 @@ def test_resume_with_another_configuration_is_refused(finished_run, synthetic_ci
     assert "plain" in err and "seed" in err and "--fresh" in err
 
 
+@pytest.mark.slow
 def test_bn_batch_is_the_runs_and_a_resume_with_another_is_refused(synthetic_cifar, tmp_path,
                                                                     capsys):
     assert train(synthetic_cifar, tmp_path, "--batch-size", "32", "--bn-batch", "16",
@@ -279,6 +291,7 @@ def test_bn_batch_is_the_runs_and_a_resume_with_another_is_refused(synthetic_cif
     assert "bn_batch" in err and "--bn-batch 16" in err
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):
     assert train(synthetic_cifar, tmp_path, "--iters", "4") == 0
     assert train(synthetic_cifar, tmp_path, "--iters", "4", "--fresh") == 0
@@ -288,6 +301,7 @@ def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):
     assert os.path.exists(tmp_path / "resnet8-iters4" / "result.json")
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_run_folder_is_refused(synthetic_cifar, tmp_path, capsys):
     import fcntl
     folder = tmp_path / "resnet8-iters12"
@@ -299,6 +313,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(synthetic_cifar, tmp
     assert not os.path.exists(folder / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         synthetic_cifar, tmp_path, capsys):
     folder = tmp_path / "diverge"
@@ -311,6 +326,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert not os.path.exists(folder / "result.json")
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_after_kill_9(synthetic_cifar, tmp_path):
     flags = ["--iters", "40", "--log-every", "5", "--ckpt-every", "5", "--eval-every", "1000",
              "--threads", "2"]
@@ -334,6 +350,7 @@ def test_resume_is_bit_exact_after_kill_9(synthetic_cifar, tmp_path):
     assert_same_state(checkpoint_of(tmp_path / "once" / "resnet8-iters40"), checkpoint_of(folder))
 
 
+@pytest.mark.slow
 def test_a_run_stopped_at_an_evaluation_and_resumed_logs_every_point_once(synthetic_cifar,
                                                                          tmp_path):
     # Iteration 8 is a logging, evaluation and checkpoint iteration: what the stopped process
@@ -351,6 +368,7 @@ def test_a_run_stopped_at_an_evaluation_and_resumed_logs_every_point_once(synthe
         assert resumed[tag] == once[tag], tag  # bit-exact resume: the same values
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_nonzero(synthetic_cifar, tmp_path):
     folder = tmp_path / "resnet8-iters2000"
     process = start(synthetic_cifar, tmp_path, "--iters", "2000", "--ckpt-every", "1000",
@@ -376,6 +394,7 @@ def test_a_short_real_data_run_learns(real_cifar, tmp_path):
     assert result["test_error"] < 75.0  # chance is 90%; ~55-60% is typical here
 
 
+@pytest.mark.slow
 def test_warmup_on_trains_at_001_while_the_error_stays_above_80_percent(synthetic_cifar, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 0  # random labels: ~90% error

@@ -12,6 +12,8 @@ from synthetic import write_dataset
 from test_run import TINY, sigterm_after, train
 from test_run_test import few_test_images
 
+pytestmark = pytest.mark.slow  # trainings
+
 PUBLISHED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "results", "runs", "resnet20-bf16", "model.pt")
 

@@ -184,6 +184,9 @@ DAMAGED = [pytest.param(make, complaint, id=kind)
 DAMAGED_FOR_TEST_MODE = [case for case in DAMAGED if case.id not in MISFITS_IN_TRAINING]
 
 
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("make, complaint", DAMAGED)
 def test_train_refuses_a_damaged_checkpoint_and_leaves_it_as_it_is(
         make, complaint, good, synthetic_cifar, tmp_path, capsys):
@@ -210,6 +213,7 @@ def test_test_mode_refuses_a_damaged_checkpoint(make, complaint, good, synthetic
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no test.json
 
 
+@pytest.mark.slow
 def test_fresh_sets_a_damaged_checkpoint_aside_and_starts_over(synthetic_cifar, tmp_path, capsys):
     folder = tmp_path / NAME
     folder.mkdir()
@@ -256,6 +260,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(
 
 # ---------------------------------------------------------------- crashes and kills
 
+@pytest.mark.slow
 def test_a_checkpoint_write_cut_short_keeps_the_previous_one_and_the_resume_is_exact(
         stopped, reference, synthetic_cifar, tmp_path):
     folder = tmp_path / NAME
@@ -285,6 +290,7 @@ def test_a_checkpoint_write_cut_short_keeps_the_previous_one_and_the_resume_is_e
     assert_same_state(reference, checkpoint_of(folder))
 
 
+@pytest.mark.slow
 def test_five_kill_9_at_random_moments_then_the_resumed_run_is_bit_identical(
         reference, synthetic_cifar, tmp_path):
     rng = random.Random(2015)
@@ -311,6 +317,7 @@ def test_five_kill_9_at_random_moments_then_the_resumed_run_is_bit_identical(
     assert_same_state(reference, checkpoint_of(folder))
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_on_one_folder_one_trains_the_other_refuses(
         synthetic_cifar, tmp_path):
     folder = tmp_path / NAME
@@ -438,6 +445,7 @@ def test_usage_errors_exit_2_without_a_traceback_from_the_shell(argv, flag):
     assert flag in usage_error(result.stderr)
 
 
+@pytest.mark.slow
 def test_a_missing_data_folder_is_a_one_line_error_suggesting_download(tmp_path):
     result = subprocess.run(command("1", "train", "--data-dir", tmp_path / "nowhere",
                                     "--logdir", tmp_path / "logs", *FLAGS),
@@ -473,6 +481,7 @@ def test_an_unusable_logdir_is_a_one_line_error(layout, culprit, synthetic_cifar
         assert not os.path.exists(tmp_path / "logs" / NAME / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_a_resume_during_warmup_keeps_its_log_every_window(synthetic_cifar, tmp_path, capsys):
     # Random labels keep the training error near 90%: the warm-up is still on at the stop.
     with sigterm_after(STOP_AT):
@@ -542,6 +551,7 @@ def test_an_unwritable_logdir_is_a_one_line_error(case, stopped, synthetic_cifar
             stopped / "checkpoint.pt").read_bytes()
 
 
+@pytest.mark.slow
 def test_n_too_large_for_memory_is_a_clear_error_not_an_out_of_memory_crash(
         synthetic_cifar, tmp_path):
     # Should the check be missing, the address-space limit makes the crash quick and harmless.
@@ -581,6 +591,7 @@ def test_a_flipped_bit_inside_a_tensor_is_refused_in_one_line(good, synthetic_ci
     assert "damaged" in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_digest_from_before_digests_still_resumes_exactly(
         good, reference, synthetic_cifar, tmp_path):
     state, _ = good
@@ -601,6 +612,7 @@ def good_folder_of(state, tmp_path):
 
 # ---------------------------------------------------------------- signals at the end of a run
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_completes(
         reference, synthetic_cifar, tmp_path, monkeypatch, capsys):
     real_evaluate = run.evaluate
@@ -625,6 +637,7 @@ def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_complet
     assert curves["test/error"][0] == [ITERS]
 
 
+@pytest.mark.slow
 def test_a_resume_in_the_same_second_keeps_the_stopped_runs_event_file(synthetic_cifar, tmp_path,
                                                                         monkeypatch):
     # Event files are named by the whole second their writer opened in, and opened with "wb":
@@ -639,6 +652,7 @@ def test_a_resume_in_the_same_second_keeps_the_stopped_runs_event_file(synthetic
     assert plot_curves.load_scalars(str(folder))["train/loss"][0] == list(range(4, ITERS + 1, 4))
 
 
+@pytest.mark.slow
 def test_curve_points_a_checkpoint_covers_survive_kill_9(synthetic_cifar, tmp_path):
     # The process kills itself right after writing its checkpoint at iteration 12. Its event
     # writer's thread writes each record slowly, so points still queued at the checkpoint would

@@ -1,6 +1,5 @@
 """run.py N test: finding the run without retyping its flags, and testing a run that another
 process is still training."""
-import contextlib
 import fcntl
 import json
 import os
@@ -10,18 +9,9 @@ import pytest
 
 import plot_curves
 import run
-from test_run import sigterm_after, train
+from test_run import few_test_images, sigterm_after, train
 
-
-@contextlib.contextmanager
-def few_test_images():
-    """Evaluations on the first 500 test images: these tests are about which weights are
-    tested, not about the evaluation."""
-    real = run.load_data
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "load_data", lambda args, split: tuple(
-            t[:500] if split == "test" else t for t in real(args, split)))
-        yield
+pytestmark = pytest.mark.slow  # trainings
 
 
 @pytest.fixture(scope="module")
