@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import cifar_binary
+import cli
 import run
 from experiment import EVAL_BATCH, default_data_dir
 from resnet import ResNet
@@ -69,7 +70,7 @@ Row = collections.namedtuple(
 
 
 def depth_type(text):
-    depth = run.positive_int(text)
+    depth = cli.positive_int(text)
     if depth < 8 or (depth - 2) % 6:
         raise argparse.ArgumentTypeError(f"expected a depth 6n+2 >= 8 (20, 32, 44, 56, 110), "
                                          f"got {depth}")
@@ -83,23 +84,23 @@ def build_parser():
     p.add_argument("--precisions", nargs="+", choices=tuple(AMP), default=["fp32", "bf16"],
                    help="of ours; bf16 is run.py --amp bf16 (the reference is always fp32)")
     p.add_argument("--compile", action="store_true", help="also measure ours with torch.compile")
-    p.add_argument("--bn-batch", type=run.positive_int, default=None, metavar="K",
+    p.add_argument("--bn-batch", type=cli.positive_int, default=None, metavar="K",
                    help="also measure ours with run.py --bn-batch K (batch norm over groups of "
                         "K images), in each precision (and compiled, with --compile)")
-    p.add_argument("--warmup", type=run.non_negative_int, default=10, help="discarded steps")
-    p.add_argument("--windows", type=run.positive_int, default=5,
+    p.add_argument("--warmup", type=cli.non_negative_int, default=10, help="discarded steps")
+    p.add_argument("--windows", type=cli.positive_int, default=5,
                    help="timed windows; their median is reported")
-    p.add_argument("--steps", type=run.positive_int, default=20, help="steps per window")
-    p.add_argument("--eval-images", type=run.positive_int, default=10_000,
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="steps per window")
+    p.add_argument("--eval-images", type=cli.positive_int, default=10_000,
                    help="test images of the timed evaluation pass")
-    p.add_argument("--workers", type=run.non_negative_int, default=2,
+    p.add_argument("--workers", type=cli.non_negative_int, default=2,
                    help="DataLoader processes of the reference (the popular repos use 2-4)")
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
     p.add_argument("--data-dir", default=default_data_dir("cifar10"),
                    help="binary CIFAR-10 (default: $CIFAR10_DIR, else %(default)s); "
                         "random images if the folder does not exist")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
-    p.add_argument("--threads", type=run.positive_int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads of both pipelines (default: all cores)")
     p.set_defaults(tf32=False, deterministic=False)  # run.setup_machine's arithmetic
     return p

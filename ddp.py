@@ -1,35 +1,8 @@
 """Training on several processes with torchrun (DistributedDataParallel), as the paper trained
-on two GPUs: where a process stands, rank 0's decisions shared with all, BatchNorm over the
-global batch (--sync-bn), and a check that the processes' weights agree."""
-import dataclasses
-import os
-
+on two GPUs: rank 0's decisions shared with all, BatchNorm over the global batch (--sync-bn),
+and a check that the processes' weights agree."""
 import torch
 import torch.distributed as dist
-
-
-@dataclasses.dataclass(frozen=True)
-class World:
-    """Where this process stands among those torchrun started; a lone process is rank 0 of 1."""
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
-
-    @classmethod
-    def from_environment(cls):
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                   int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-    def batch_share(self, batch_size):
-        """Images of each global batch that one process trains on."""
-        return batch_size // self.size
-
-    def batch_shard(self, batch_size):
-        """This process's part of each global batch."""
-        share = self.batch_share(batch_size)
-        return slice(self.rank * share, (self.rank + 1) * share)
 
 
 def from_rank_0(world, outcome):

@@ -1,8 +1,9 @@
-"""The file and machine plumbing under run.py: atomic writes, the run folder's lock, the git
-commit a run was made with, and an upper bound on the memory a run needs, against what the
-machine has."""
+"""The file and machine plumbing under run.py: where a process stands among torchrun's, atomic
+writes, the run folder's lock, the git commit a run was made with, and an upper bound on the
+memory a run needs, against what the machine has. Torch-free."""
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import json
 import os
@@ -10,6 +11,30 @@ import subprocess
 import time
 
 from experiment import EVAL_BATCH
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Where this process stands among those torchrun started; a lone process is rank 0 of 1."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @classmethod
+    def from_environment(cls):
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                   int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+    def batch_share(self, batch_size):
+        """Images of each global batch that one process trains on."""
+        return batch_size // self.size
+
+    def batch_shard(self, batch_size):
+        """This process's part of each global batch."""
+        share = self.batch_share(batch_size)
+        return slice(self.rank * share, (self.rank + 1) * share)
 
 
 class RunError(Exception):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import cli
 import plot_curves
 import run
 from experiment import MATRIX, SPEED
@@ -72,9 +73,9 @@ def parse_args(argv=None):
                     "passed to every run.py command.")
     p.add_argument("--only", nargs="+", choices=list(MATRIX), metavar="NAME",
                    help="these nets only, from: " + " ".join(MATRIX))
-    p.add_argument("--seeds", type=run.positive_int, default=1,
+    p.add_argument("--seeds", type=cli.positive_int, default=1,
                    help="seeds 0..K-1 of each net (default: %(default)s)")
-    p.add_argument("--jobs", type=run.positive_int, default=1,
+    p.add_argument("--jobs", type=cli.positive_int, default=1,
                    help="runs at a time; on CPU they split the cores, on G GPUs job slot i "
                         "uses GPU i mod G (default: %(default)s)")
     p.add_argument("--print", action="store_true",
@@ -82,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out", help="folder for Table 6 and the figures "
                                                 "(default: %(default)s)")
     to_run = p.add_argument_group("passed to run.py (its defaults when not given)")
-    to_run.add_argument("--iters", type=run.positive_int)
+    to_run.add_argument("--iters", type=cli.positive_int)
     to_run.add_argument("--amp", choices=("none", "bf16"))
     to_run.add_argument("--compile", action="store_true")
     to_run.add_argument("--logdir", help="folder of the run folders (run.py's default: logs)")

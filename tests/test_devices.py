@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import ddp
+import plumbing
 import run
 from conftest import ROOT
 
@@ -107,9 +107,9 @@ def test_checkpoints_are_written_with_cpu_tensors_only(tmp_path):
 
 
 @pytest.mark.parametrize("world, expected", [
-    (ddp.World(0, 2, 0, 1), ["download", "barrier", "download", "barrier"]),
-    (ddp.World(1, 2, 0, 1), ["barrier", "download", "barrier"]),  # first on another node
-    (ddp.World(1, 2, 1, 2), ["barrier", "barrier"]),
+    (plumbing.World(0, 2, 0, 1), ["download", "barrier", "download", "barrier"]),
+    (plumbing.World(1, 2, 0, 1), ["barrier", "download", "barrier"]),  # first on another node
+    (plumbing.World(1, 2, 1, 2), ["barrier", "barrier"]),
 ])
 def test_one_process_downloads_while_the_others_wait(world, expected, monkeypatch):
     calls = []

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # run as a script: the project's modules, as conftes
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from ddp import World  # noqa: E402
+from plumbing import World  # noqa: E402
 from plumbing import RunError, available_memory, training_memory_bound  # noqa: E402
 from test_run_hostile import command, one_line_error  # noqa: E402
 

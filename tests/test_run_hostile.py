@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 
+import cli
 import plot_curves
 import run
 from conftest import ROOT
@@ -184,9 +185,6 @@ DAMAGED = [pytest.param(make, complaint, id=kind)
 DAMAGED_FOR_TEST_MODE = [case for case in DAMAGED if case.id not in MISFITS_IN_TRAINING]
 
 
-@pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("make, complaint", DAMAGED)
 def test_train_refuses_a_damaged_checkpoint_and_leaves_it_as_it_is(
         make, complaint, good, synthetic_cifar, tmp_path, capsys):
@@ -439,10 +437,38 @@ def test_every_bad_flag_value_is_a_usage_error_naming_the_flag(argv, flag, no_cu
     (["1", "train", "--iters", "abc"], "--iters"),
     (["1", "train", "--seed", str(2 ** 64)], "--seed"),
 ])
-def test_usage_errors_exit_2_without_a_traceback_from_the_shell(argv, flag):
-    result = subprocess.run(command(*argv), capture_output=True, text=True, timeout=120)
+def test_usage_errors_exit_2_before_torch_is_imported(argv, flag, tmp_path):
+    (tmp_path / "torch").mkdir()  # a torch that cannot be imported: the error comes before it
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run(command(*argv), capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert flag in usage_error(result.stderr)
+
+
+@pytest.mark.parametrize("n, says", [
+    (56, ["depth 338", "N=9 builds depth 56"]),
+    (1, ["depth 8"]),
+    (200, None),  # ResNet-1202: one of the paper's
+])
+def test_an_n_of_none_of_the_papers_depths_is_noted_in_one_line(n, says):
+    note = cli.depth_note(n)
+    assert (note is None) if says is None else all(s in note for s in says)
+    assert note is None or "\n" not in note
+
+
+def test_more_threads_than_cores_is_noted(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert any("--threads 1000" in note for note in run.notes(run.parse_args(
+        ["3", "train", "--threads", "1000"])))
+    assert not run.notes(run.parse_args(["3", "train", "--threads", "2"]))
+
+
+def test_a_name_that_is_not_utf8_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["1", "train", "--name", b"run\xff".decode("utf-8", "surrogateescape")])
+    assert exit_info.value.code == 2
+    assert "--name" in usage_error(capsys.readouterr().err)
 
 
 @pytest.mark.slow
