@@ -49,10 +49,11 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_TYPES = {
     "format": int, "model": object, "iteration": int, "per_pixel_mean": torch.Tensor,
     "config": dict, "optimizer": object, "warmup_end": (int, type(None)),
-    "window": torch.Tensor, "train_seconds": (int, float), "log_every": int, "rng": dict}
+    "window": torch.Tensor, "train_seconds": (int, float), "log_every": int, "rng": dict,
+    "window_seconds": (int, float)}
 MODEL_KEYS = ("format", "model", "iteration", "per_pixel_mean", "config")
 CHECKPOINT_KEYS = tuple(CHECKPOINT_TYPES)
-SINCE_LATER = ("log_every",)  # absent from checkpoints of older versions, which still load
+SINCE_LATER = ("log_every", "window_seconds")  # absent from older checkpoints, which still load
 
 
 # ---------------------------------------------------------------- command line (cli.py)
@@ -588,10 +589,11 @@ class Warmup:
 
 
 class TrainingClock:
-    """Seconds spent training: evaluations and checkpoints run inside `paused()`."""
+    """Seconds spent training: evaluations and checkpoints run inside `paused()`. A lap is a
+    --log-every window: one stopped mid-window resumes with the seconds it had run."""
 
-    def __init__(self, seconds=0.0):
-        self.seconds, self.lap_seconds, self.since = seconds, 0.0, time.perf_counter()
+    def __init__(self, seconds=0.0, lap_seconds=0.0):
+        self.seconds, self.lap_seconds, self.since = seconds, lap_seconds, time.perf_counter()
 
     @contextlib.contextmanager
     def paused(self):
@@ -607,6 +609,14 @@ class TrainingClock:
         lap, self.lap_seconds, self.since = self.lap_seconds + now - self.since, 0.0, now
         self.seconds += lap
         return lap
+
+
+def duration(seconds):
+    """e.g. 3h20m, 45m, 20s."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
 # ---------------------------------------------------------------- the phases of a training run
@@ -628,6 +638,7 @@ class TrainingRun:
         self.optimizer = build_optimizer(self.model, config)
         self.window = Window(device, world.batch_share(config["batch_size"]), world)
         self.iteration, self.signals, self.stopping = 0, [], False
+        self.estimated, self.progress_printed_at = False, None
         self.clock, self.warmup = TrainingClock(), Warmup(config, None)
         if state is not None:
             with checkpoint_must_fit(self.checkpoint_path, config):
@@ -660,7 +671,8 @@ class TrainingRun:
                                  f"a parameter of shape {tuple(param.shape)}")
         self.iteration = int(state["iteration"])
         self.warmup = Warmup(self.config, state["warmup_end"])
-        self.clock = TrainingClock(float(state["train_seconds"]))
+        self.clock = TrainingClock(float(state["train_seconds"]),
+                                   float(state.get("window_seconds", 0.0)))
         self.window.restore(state["window"])
         torch.set_rng_state(state["rng"]["torch"])
         self.data.per_pixel_mean = state["per_pixel_mean"]
@@ -732,10 +744,28 @@ class TrainingRun:
             self.log(tag, value)
         self.bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
                              lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
+        self.report_progress(loss_sum / count, train_error, lr, speed)
         if self.warmup.window_closed(self.iteration, train_error):
             self.log(WARMUP_ENDED, self.iteration)
             self.say(f"warm-up ended at iteration {self.iteration} "
                      f"(train error {train_error:.1f}%)")
+
+    def report_progress(self, loss, train_error, lr, speed):
+        """After the first window, the time training will take at its speed; where there is no
+        progress bar (output to a file), a plain line at most once a minute."""
+        left = (self.config["iters"] - self.iteration) * self.config["batch_size"] / speed \
+            if speed else None
+        if not self.estimated and left:
+            self.say(f"about {duration(left)} of training left at {speed:,.0f} images/s "
+                     "(evaluations and checkpoints add to it)")
+            self.estimated = True
+        now = time.monotonic()
+        if self.lead and self.bar.disable and (self.progress_printed_at is None
+                                               or now - self.progress_printed_at >= 60):
+            print(f"iter {self.iteration:,}/{self.config['iters']:,}  loss {loss:.3f}  train "
+                  f"error {train_error:.1f}%  lr {lr:g}  {speed:,.0f} img/s"
+                  + (f"  {duration(left)} left" if left else ""), flush=True)
+            self.progress_printed_at = now
 
     def evaluate_and_log(self):
         """Test (and validation) error and loss, logged; the model in eval mode."""
@@ -769,7 +799,8 @@ class TrainingRun:
         return {**self.model_state(), "optimizer": self.optimizer.state_dict(),
                 "warmup_end": self.warmup.ended_at, "window": self.window.whole(),
                 "train_seconds": self.clock.seconds, "log_every": self.args.log_every,
-                "rng": {"torch": torch.get_rng_state()}}
+                "rng": {"torch": torch.get_rng_state()},
+                "window_seconds": self.clock.lap_seconds}  # the clock is paused while saving
 
     def save(self):
         """checkpoint.pt, after checking the weights are finite and the same in every process."""
@@ -789,8 +820,8 @@ class TrainingRun:
     def stopped(self):
         """The exit code of a run stopped by a signal, its checkpoint written."""
         if self.lead:
-            print(f"stopped by a signal at iteration {self.iteration}; checkpoint written, "
-                  "run the same command to resume", file=sys.stderr)
+            self.bar.write(f"stopped by a signal at iteration {self.iteration}; checkpoint "
+                           "written, run the same command to resume", file=sys.stderr)
         return 128 + (self.signals[0] if self.signals else signal.SIGTERM)
 
     def finish(self):
@@ -804,8 +835,8 @@ class TrainingRun:
             self.write_results(results)
         if self.signals:
             if self.lead:
-                print(f"stopped by a signal after the run finished; {self.folder} holds its "
-                      "results", file=sys.stderr)
+                self.bar.write(f"stopped by a signal after the run finished; {self.folder} "
+                               "holds its results", file=sys.stderr)
             return 128 + self.signals[0]
         return 0
 

@@ -402,3 +402,47 @@ def test_warmup_on_trains_at_001_while_the_error_stays_above_80_percent(syntheti
     events.Reload()
     assert [round(e.value, 6) for e in events.Scalars("lr")] == [0.01, 0.01, 0.01]
     assert "warmup/ended_at" not in events.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_the_speed_of_a_window_spanning_a_resume_counts_only_its_own_seconds(synthetic_cifar,
+                                                                            tmp_path):
+    now = [0.0]  # a clock on which every training step takes one second, nothing else any time
+    real_step = run.train_step
+
+    def one_second_step(*args, **kwargs):
+        now[0] += 1.0
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "perf_counter", lambda: now[0])
+        patch.setattr(run, "train_step", one_second_step)
+        with sigterm_after(6):  # mid-window: windows end at 4, 8, 12
+            assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
+        assert train(synthetic_cifar, tmp_path) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "resnet8-iters12")).Reload()
+    speeds = {e.step: e.value for e in events.Scalars("speed/images_per_second")}
+    assert speeds == {4: 128.0, 8: 128.0, 12: 128.0}  # 128 images a second, resume or not
+
+
+@pytest.mark.slow
+def test_without_a_terminal_progress_is_a_plain_line_and_the_time_left_is_estimated(
+        synthetic_cifar, tmp_path, capsys):
+    assert train(synthetic_cifar, tmp_path) == 0  # captured output: no terminal, no bar
+    out = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("iter 4/12") and "img/s" in line for line in out) == 1
+    assert not any(line.startswith("iter 8/12") for line in out)  # at most once a minute
+    assert sum("left at" in line and "images/s" in line for line in out) == 1
+
+
+@pytest.mark.slow
+def test_the_stop_message_starts_on_a_line_of_its_own_after_the_progress_bar(
+        synthetic_cifar, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar draws
+    with sigterm_after(5):
+        assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    line = next(part for part in err.split("\n") if "stopped by a signal" in part)
+    assert line.split("\r")[-1].startswith("stopped by a signal"), repr(line)
+
