@@ -98,6 +98,10 @@ def build_parser():
                            "paper's, e.g. resnet56-bf16)")
     data.add_argument("--fresh", action="store_true",
                       help="start over; an existing run folder is moved to <logdir>/.replaced/")
+    data.add_argument("--out", default=None, metavar="FILE",
+                      help="test: where test.json goes (default: the run folder's test.json; "
+                           "none for a folder of published or shared weights, which holds no "
+                           "checkpoint.pt)")
     data.add_argument("--checkpoint", default=None,
                       help="test: evaluate this checkpoint file, or this run folder's "
                            "checkpoint.pt (model.pt if it has none) (default: the run folder's)")

@@ -248,18 +248,23 @@ def save_checkpoint(path, state, keys=CHECKPOINT_KEYS):
                        "checkpoint is intact") from None
 
 
-def load_checkpoint(path, keys=MODEL_KEYS):
-    """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise;
-    its configuration with_added_defaults. Its digest is checked by `verify_digest` once its
-    contents were found to fit."""
+# What to do about a checkpoint refused: in training, and when testing.
+TRAIN_REMEDY = "move it away, or pass --fresh to start the run over"
+TEST_REMEDY = "pass --checkpoint a checkpoint.pt or model.pt of this project's runs"
+
+
+def load_checkpoint(path, keys=MODEL_KEYS, remedy=TRAIN_REMEDY):
+    """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise
+    (ending with `remedy`); its configuration with_added_defaults. Its digest is checked by
+    `verify_digest` once its contents were found to fit."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path}: no checkpoint there") from None
     except Exception as e:  # torch raises many types for damaged or foreign files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a readable checkpoint of this project ({reason}); move it "
-                       "away, or pass --fresh to start the run over") from None
+        raise RunError(f"{path}: not a readable checkpoint of this project ({reason}); "
+                       f"{remedy}") from None
     if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
             and all(isinstance(state[key], CHECKPOINT_TYPES[key]) if key in state
                     else key in SINCE_LATER for key in keys)
@@ -268,27 +273,26 @@ def load_checkpoint(path, keys=MODEL_KEYS):
             and with_added_defaults(state["config"])["dataset"] in cifar_binary.DATASETS
             and state["per_pixel_mean"].shape == (3, 32, 32)):
         raise RunError(f"{path}: not a checkpoint of this project (no format {CHECKPOINT_FORMAT} "
-                       f"{'/'.join(keys[1:])}); pass --fresh to start the run over")
+                       f"{'/'.join(keys[1:])}); {remedy}")
     state["config"] = with_added_defaults(state["config"])
     return state
 
 
-def verify_digest(path, state):
+def verify_digest(path, state, remedy=TRAIN_REMEDY):
     """Checkpoints written before digests were stored have none, and load as they are."""
     if "digest" in state and state["digest"] != tensor_digest(state):
         raise RunError(f"{path}: damaged (its contents do not match the digest stored with them); "
-                       "move it away, or pass --fresh to start the run over")
+                       f"{remedy}")
 
 
 @contextlib.contextmanager
-def checkpoint_must_fit(path, config):
+def checkpoint_must_fit(path, config, remedy=TRAIN_REMEDY):
     """Turns a checkpoint whose contents do not fit its configuration into a RunError."""
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RunError(f"{path}: does not fit {describe(config)} ({reason}); move it away, or "
-                       "pass --fresh to start the run over") from None
+        raise RunError(f"{path}: does not fit {describe(config)} ({reason}); {remedy}") from None
 
 
 # ---------------------------------------------------------------- setup shared by train and test
@@ -890,19 +894,10 @@ def train(args):
 
 def test(args):
     device = setup_machine(args, World())  # one process, even under torchrun
-    path = checkpoint_to_test(args)
-    state = load_checkpoint(path)
-    config = state["config"]
-    asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut, "dataset": args.dataset}
-    if any(config[k] != v for k, v in asked.items()):
-        raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
-                       f"{describe(asked)}; pass the matching N/--plain/--shortcut/--dataset")
-    model = build_model(config, device)
-    with checkpoint_must_fit(path, config):
-        model.load_state_dict(state["model"])
-    verify_digest(path, state)
+    path, state, model = weights_to_test(args, device)
+    config, iteration = state["config"], state["iteration"]
     # Whether these are the run's final weights, and whether another process still trains it.
-    folder, iteration = os.path.dirname(os.path.abspath(path)), state["iteration"]
+    folder = os.path.dirname(os.path.abspath(path))
     final, trainer = iteration >= config["iters"], training_process(folder)
     if trainer is not None or not final:
         print(f"note: {folder} is " + (f"being trained by another process (pid {trainer})"
@@ -916,24 +911,61 @@ def test(args):
         result = evaluate(model, images, labels, state["per_pixel_mean"].to(device), config["amp"])
     classes = cifar_binary.get_dataset(config["dataset"]).classes
     test_report = {**result_fields(config, count_parameters(model), result),
-                   "dataset": config["dataset"],
+                   "dataset": config["dataset"], "seed": config["seed"],
                    "per_class_error": dict(zip(classes, result["per_class_error"])),
                    "iteration": iteration, "iters": config["iters"], "final_weights": final,
                    "in_training": trainer is not None,
                    "checkpoint": path,  # as given: reproducible
                    "layer_responses": responses.std()}
+    print_test_report(config, iteration, len(images), test_report)
+    out = args.out or (os.path.join(folder, "test.json")
+                       if os.path.exists(os.path.join(folder, "checkpoint.pt")) else None)
+    if out is None:  # published or shared weights: their folder is not a run of this machine
+        print(f"test.json not written: {folder} holds no checkpoint.pt of a run trained there "
+              "(published or shared weights); --out FILE writes it")
+        return 0
+    write_json(out, test_report)
+    print(f"wrote {out}")
+    return 0
+
+
+def weights_to_test(args, device):
+    """(path, checkpoint, network with its weights): the checkpoint the command names, checked
+    against the command's net and against its run folder's config.json."""
+    path = checkpoint_to_test(args)
+    state = load_checkpoint(path, remedy=TEST_REMEDY)
+    config = state["config"]
+    asked = {"n": args.n, "plain": args.plain, "shortcut": args.shortcut, "dataset": args.dataset}
+    if any(config[k] != v for k, v in asked.items()):
+        raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
+                       f"{describe(asked)}; pass the matching N/--plain/--shortcut/--dataset")
+    folder_config = read_json_or_none(os.path.join(os.path.dirname(path), "config.json"))
+    if folder_config is not None and set(EXPERIMENT_KEYS) <= folder_config.keys():
+        folder_config = with_added_defaults(folder_config)
+        differ = [f"{k} {config[k]} (config.json: {folder_config[k]})" for k in EXPERIMENT_KEYS
+                  if config[k] != folder_config[k]]
+        if differ:
+            raise RunError(f"{path}: not the run of its folder's config.json: "
+                           f"{', '.join(differ)}; {TEST_REMEDY}")
+    model = build_model(config, device)
+    with checkpoint_must_fit(path, config, TEST_REMEDY):
+        model.load_state_dict(state["model"])
+    verify_digest(path, state, TEST_REMEDY)
+    if "digest" not in state:
+        print(f"note: {path} carries no digest (written before digests were): whether its "
+              "bytes are intact cannot be checked")
+    return path, state, model
+
+
+def print_test_report(config, iteration, images, test_report):
     print(f"{describe(config)}, iteration {iteration}: test error "
-          f"{result['error']:.2f}% ({len(images):,} images)")
+          f"{test_report['test_error']:.2f}% ({images:,} images)")
     per_class = list(test_report["per_class_error"].items())
     if len(per_class) > 10:  # CIFAR-100: the extremes; all of them are in test.json
         per_class = sorted(per_class, key=lambda item: item[1])
         per_class = per_class[:5] + [("...", None)] + per_class[-5:]
     for name, error in per_class:
         print(f"  {name:<10} {error:5.1f}%" if error is not None else f"  {name}")
-    out = os.path.join(folder, "test.json")
-    write_json(out, test_report)
-    print(f"wrote {out}")
-    return 0
 
 
 def checkpoint_to_test(args):

@@ -125,3 +125,46 @@ def test_test_of_finished_weights_says_they_are_final(logdir, synthetic_cifar, c
     assert (report["iteration"], report["iters"], report["final_weights"],
             report["in_training"]) == (12, 12, True, False)
     assert report["checkpoint"] == str(folder / "checkpoint.pt")
+
+
+def test_testing_published_weights_leaves_their_folder_as_it_is(logdir, synthetic_cifar,
+                                                                 tmp_path, capsys):
+    published = tmp_path / "published"  # as results/runs/ holds a run: no checkpoint.pt
+    published.mkdir()
+    for name in ("model.pt", "config.json", "result.json"):
+        shutil.copyfile(logdir / "resnet8-iters12" / name, published / name)
+    before = {p.name: p.read_bytes() for p in published.iterdir()}
+    with few_test_images():
+        assert run.main(["1", "test", "--checkpoint", str(published / "model.pt"),
+                         "--data-dir", synthetic_cifar]) == 0
+        assert {p.name: p.read_bytes() for p in published.iterdir()} == before
+        assert "--out" in capsys.readouterr().out
+        out = tmp_path / "elsewhere.json"
+        assert run.main(["1", "test", "--checkpoint", str(published / "model.pt"),
+                         "--data-dir", synthetic_cifar, "--out", str(out)]) == 0
+    with open(out) as f:
+        assert json.load(f)["seed"] == 0
+
+
+def test_test_refuses_another_runs_checkpoint_in_a_run_folder(logdir, synthetic_cifar, tmp_path,
+                                                             capsys):
+    folder = tmp_path / "resnet8-iters12"  # seed 0's folder, holding a seed-1 checkpoint
+    shutil.copytree(logdir / "resnet8-iters12", folder)
+    state = run.load_checkpoint(str(folder / "checkpoint.pt"), run.CHECKPOINT_KEYS)
+    state["config"]["seed"] = 1
+    run.save_checkpoint(str(folder / "checkpoint.pt"), state)
+    assert run.main(["1", "test", "--checkpoint", str(folder),
+                     "--data-dir", synthetic_cifar]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed 1" in err and "config.json" in err
+    assert not (folder / "test.json").exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_without_training_advice(synthetic_cifar,
+                                                                         tmp_path, capsys):
+    path = tmp_path / "passwd"
+    path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert run.main(["1", "test", "--checkpoint", str(path), "--data-dir", synthetic_cifar]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "--fresh" not in err
+
