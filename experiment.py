@@ -60,6 +60,20 @@ def depth_of(n):
     return 6 * n + 2
 
 
+def parameter_count(n, plain=False, shortcut="A", num_classes=10):
+    """The parameters of resnet.ResNet(n, plain, shortcut, num_classes), without building it:
+    the first conv and its BN; per block two 3x3 convs and their BNs (weight and bias), and with
+    option B a 1x1 conv and BN where the dimensions grow; the fc."""
+    count, channels = 3 * 16 * 9 + 2 * 16, 16
+    for width in (16, 32, 64):
+        for _ in range(n):
+            count += 9 * channels * width + 9 * width * width + 2 * 2 * width
+            if channels != width and not plain and shortcut == "B":
+                count += channels * width + 2 * width
+            channels = width
+    return count + 64 * num_classes + num_classes
+
+
 # Table 6's and Figure 6's nets, name: (N, plain), in the order reproduce.py runs them: those
 # the paper's central claims rest on first (ResNet-56 against plain-56 and plain-20),
 # ResNet-1202 last.
@@ -80,6 +94,9 @@ LR, SPEED, WARMUP_ENDED = "lr", "speed/images_per_second", "warmup/ended_at"
 # Images per evaluation batch: a CPU is fastest with batches whose activations stay in its
 # caches (measured); a GPU with large ones.
 EVAL_BATCH = {"cpu": 128, "cuda": 1000}
+
+# The classes of each data set (cifar_binary.DATASETS' num_classes, without torch).
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 # Where each data set's binary files are: the folder its variable names, else data/<folder>.
 DATA_FOLDERS = {"cifar10": ("CIFAR10_DIR", "cifar-10-batches-bin"),

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cifar_binary
+import experiment
 import resnet
 from resnet import LayerResponses, ResNet, ZeroPadShortcut, count_parameters, response_layers
 
@@ -62,6 +64,23 @@ def test_parameter_count_matches_paper_table_for_residual_and_plain(n):
 @pytest.mark.parametrize("n", [3, 9])
 def test_option_b_adds_exactly_two_projections(n):
     assert count_parameters(ResNet(n, shortcut="B")) == PAPER_PARAMS[n] + PROJECTION_PARAMS
+
+
+@pytest.mark.parametrize("n", [1, 3, 9, 18])
+def test_torch_free_parameter_count_is_the_models(n):
+    for kw in ({}, {"plain": True}, {"shortcut": "B"}, {"plain": True, "shortcut": "B"},
+               {"num_classes": 100}):
+        assert experiment.parameter_count(n, **kw) == count_parameters(ResNet(n, **kw)), kw
+
+
+def test_torch_free_parameter_count_gives_the_papers_table():
+    assert {n: experiment.parameter_count(n) for n in PAPER_PARAMS} == PAPER_PARAMS
+    assert {n: experiment.parameter_count(n, plain=True) for n in PAPER_PARAMS} == PAPER_PARAMS
+
+
+def test_torch_free_class_counts_are_the_data_sets():
+    assert experiment.NUM_CLASSES == {name: dataset.num_classes
+                                      for name, dataset in cifar_binary.DATASETS.items()}
 
 
 @pytest.mark.parametrize("n", [1, 3])
