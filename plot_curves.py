@@ -24,8 +24,9 @@ from google.protobuf.message import DecodeError
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto import event_pb2
 
-from experiment import (ADDED_KEYS, CONFIG_KEYS, PAPER_ERROR, PAPER_SCHEDULE, RECIPE, TEST_ERROR,
-                        TRAIN_ERROR, depth_of, with_added_defaults)
+from experiment import (ADDED_KEYS, CONFIG_KEYS, NUM_CLASSES, PAPER_ERROR, PAPER_SCHEDULE, RECIPE,
+                        TEST_ERROR, TRAIN_ERROR, depth_of, parameter_count, with_added_defaults)
+from plumbing import why_unreadable
 
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
@@ -37,6 +38,36 @@ PANELS = {"plain nets": [(True, 20), (True, 32), (True, 44), (True, 56)],
           "ResNet-110 vs ResNet-1202": [(False, 110), (False, 1202)]}
 PAPER_ERROR_AXIS_TOP = 20  # Figure 6's error axis in the paper: 0-20%
 FIGURE7_NETS = {(True, 20), (True, 56), (False, 20), (False, 56), (False, 110)}  # (plain, depth)
+# The largest files read from a run folder: run.py's JSON files are a few KiB; its event files
+# 0.15 MB at its defaults, 15 MB logging every iteration of the paper's schedule.
+JSON_MAX_BYTES = 16 * 2 ** 20
+EVENT_FILE_MAX_BYTES = 256 * 2 ** 20
+
+
+def is_int(value, least=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+COUNT, POSITIVE = ("an integer >= 0", is_int), ("an integer >= 1", lambda v: is_int(v, 1))
+NUMBER, STRING = ("a finite number", is_number), ("a string", lambda v: isinstance(v, str))
+# What the values this script uses must be, in config.json, result.json and test.json alike.
+FIELD_TYPES = {
+    "n": POSITIVE, "plain": ("true or false", lambda v: isinstance(v, bool)),
+    "shortcut": ('"A" or "B"', lambda v: v in ("A", "B")), "iters": POSITIVE,
+    "milestones": ("a list of integers >= 0",
+                   lambda v: isinstance(v, list) and all(map(is_int, v))),
+    "lr": NUMBER, "batch_size": POSITIVE, "weight_decay": NUMBER, "momentum": NUMBER,
+    "seed": COUNT, "val_size": COUNT, "warmup": STRING, "amp": STRING,
+    "dataset": (" or ".join(NUM_CLASSES), lambda v: isinstance(v, str) and v in NUM_CLASSES),
+    "bn_batch": POSITIVE, "depth": POSITIVE, "params": POSITIVE,
+    "test_error": NUMBER, "iterations": COUNT, "iteration": COUNT,
+    "layer_responses": ("a list of finite numbers",
+                        lambda v: isinstance(v, list) and all(map(is_number, v))),
+}
 
 
 def warn(message):
@@ -88,21 +119,56 @@ def of_final_weights(test, iters):
     return test.get("iteration") == iters
 
 
-def read_json(path, required):
-    """The dict in `path`, or None when absent; damaged or foreign files are reported."""
-    if not os.path.exists(path):
+def read_json(path, required, ignored="ignored"):
+    """The dict in `path`, or None when absent; a file that is not a small regular file, is
+    damaged, foreign, or has a value of the wrong type (FIELD_TYPES) is reported as `ignored`."""
+    if not os.path.lexists(path) or not safe_to_read(path, JSON_MAX_BYTES, ignored):
         return None
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        warn(f"{path}: unreadable ({e}); ignored")
+        warn(f"{path}: unreadable ({e}); {ignored}")
         return None
     missing = [k for k in required if not isinstance(data, dict) or k not in data]
     if missing:
-        warn(f"{path}: not written by run.py (missing {', '.join(missing)}); ignored")
+        warn(f"{path}: not written by run.py (missing {', '.join(missing)}); {ignored}")
+        return None
+    problem = wrong_type(data)
+    if problem:
+        warn(f"{path}: {problem}; {ignored}")
         return None
     return data
+
+
+def safe_to_read(path, max_bytes, ignored="ignored"):
+    """Whether `path` is a regular file of at most `max_bytes`; if not, a warning says why."""
+    problem = why_unreadable(path, max_bytes)
+    if problem:
+        warn(f"{problem}; {ignored}")
+    return problem is None
+
+
+def wrong_type(data):
+    """'<key> is <value>, expected <type>' for the first value of `data` that FIELD_TYPES
+    refuses, else None."""
+    for key, (expected, valid) in FIELD_TYPES.items():
+        if key in data and not valid(data[key]):
+            shown = json.dumps(data[key])
+            shown = shown if len(shown) <= 40 else shown[:36] + " ..."
+            return f"{key} is {shown}, expected {expected}"
+    return None
+
+
+def contradiction(config):
+    """Why a config.json's n, plain, shortcut and dataset make another net than its own depth
+    and params say (n edited by hand), else None."""
+    n, depth = config["n"], depth_of(config["n"])
+    params = parameter_count(n, config["plain"], config["shortcut"], NUM_CLASSES[config["dataset"]])
+    if (config["depth"], config["params"]) == (depth, params):
+        return None
+    return (f"n {n} makes a net of depth {depth} with {params:,} parameters, but it says depth "
+            f"{config['depth']} with {config['params']:,}")
 
 
 def read_event_file(path):
@@ -127,14 +193,27 @@ def read_event_file(path):
              f"{size:,}); using the {len(records)} scalars before that")
     if start is None and records:
         start = min(step for _, step, _ in records)
-    return wall_time, path, start, records
+    return wall_time, path, start, finite(path, records)
+
+
+def finite(path, records):
+    """The records [(tag, step, value)] with a finite value; the others are named in a warning,
+    so that a NaN of a diverged run neither draws nor sets an axis."""
+    dropped = sorted({tag for tag, _, value in records if not math.isfinite(value)})
+    if not dropped:
+        return records
+    kept = [record for record in records if math.isfinite(record[2])]
+    warn(f"{path}: {len(records) - len(kept)} non-finite values ({', '.join(dropped)}) left out "
+         "of its curves")
+    return kept
 
 
 def load_scalars(folder):
     """Scalars of all event files in `folder`, merged as TensorBoard's purge does: files in the
     order they were opened; each drops earlier files' steps >= its start step, and wins ties."""
-    files = [read_event_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+    paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
              if "tfevents" in name]
+    files = [read_event_file(path) for path in paths if safe_to_read(path, EVENT_FILE_MAX_BYTES)]
     merged = {}  # tag -> {step: value}
     for _, _, start, records in sorted(f for f in files if f[0] is not None):
         if start is not None:
@@ -148,22 +227,16 @@ def load_scalars(folder):
 
 
 def find_runs(logdir):
-    """Every run folder <logdir>/<name>/ (with a config.json); dot-folders like .replaced/ are
-    not runs."""
+    """Every run folder <logdir>/<name>/ (with a config.json), copies of one run counted once;
+    dot-folders like .replaced/ are not runs."""
     runs = []
     for name in sorted(os.listdir(logdir)):
         folder = os.path.join(logdir, name)
         if name.startswith(".") or not os.path.isdir(folder):
             continue
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.exists(config_path):
-            warn(f"{folder}: no config.json, not a run folder; skipped")
-            continue
-        required = tuple(k for k in CONFIG_KEYS if k not in ADDED_KEYS) + ("seed", "params")
-        config = read_json(config_path, required)
+        config = read_config(folder)
         if config is None:
-            continue  # read_json said why
-        config = with_added_defaults(config)
+            continue  # read_config said why
         run = RunRecord(folder, config,
                   read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
                   read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
@@ -171,7 +244,40 @@ def find_runs(logdir):
         if not CURVES & run.scalars.keys():
             warn(f"{folder}: no training curves in its event files; left out of Figure 6")
         runs.append(run)
-    return runs
+    return one_per_seed(runs)
+
+
+def read_config(folder):
+    """A run folder's config.json as of today (with_added_defaults), or None, said why."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.lexists(path):
+        warn(f"{folder}: no config.json, not a run folder; skipped")
+        return None
+    required = tuple(k for k in CONFIG_KEYS if k not in ADDED_KEYS) + ("seed", "depth", "params")
+    config = read_json(path, required, ignored="run folder skipped")
+    if config is None:
+        return None
+    config = with_added_defaults(config)
+    problem = contradiction(config)
+    if problem:
+        warn(f"{path}: {problem} (edited by hand?); run folder skipped")
+        return None
+    return config
+
+
+def one_per_seed(runs):
+    """`runs` with one run per configuration and seed: two folders of both are copies of one run
+    (a backup), counted once; the one trained furthest is kept, the first by name of those."""
+    kept = {}
+    for run in sorted(runs, key=lambda r: (not r.finished, -r.iterations, r.folder)):
+        key = configuration(run.config) + (run.config["seed"],)
+        if key in kept:
+            warn(f"{run.folder}: the same configuration and seed ({run.config['seed']}) as "
+                 f"{kept[key].folder}: copies of one run, counted once, as {kept[key].folder}")
+        else:
+            kept[key] = run
+    kept_runs = {id(run) for run in kept.values()}
+    return [run for run in runs if id(run) in kept_runs]
 
 
 # ---------------------------------------------------------------- configurations

@@ -1,12 +1,13 @@
 """The file and machine plumbing under run.py: where a process stands among torchrun's, atomic
-writes, the run folder's lock, the git commit a run was made with, and an upper bound on the
-memory a run needs, against what the machine has. Torch-free."""
+writes, which files are safe to open, the run folder's lock, the git commit a run was made with,
+and an upper bound on the memory a run needs, against what the machine has. Torch-free."""
 import contextlib
 import ctypes
 import dataclasses
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import time
 
@@ -63,6 +64,27 @@ def atomic_write(path, write):
         fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+
+NOT_REGULAR = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+               stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+
+
+def why_unreadable(path, max_bytes):
+    """None if `path` is a regular file (or a link to one) of at most `max_bytes`, else why not,
+    in one line that names it. It only stats the path, which never blocks: open() of a FIFO
+    waits for a writer, a device like /dev/zero reads without end, a huge file fills memory."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror or e})"
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((kind for is_kind, kind in NOT_REGULAR.items() if is_kind(info.st_mode)),
+                    "a special file")
+        return f"{path}: {kind}, not a regular file"
+    if info.st_size > max_bytes:
+        return f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} allowed"
+    return None
 
 
 def git_commit():

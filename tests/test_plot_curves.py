@@ -1,7 +1,11 @@
 """plot_curves.py: Figure 6, Figure 7 and Table 6 from small synthetic run folders."""
+import contextlib
 import glob
 import json
+import math
 import os
+import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -12,9 +16,18 @@ from matplotlib.colors import to_rgba
 from torch.utils.tensorboard import SummaryWriter
 
 import plot_curves
+import plumbing
 from conftest import ROOT
 
 PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19_421_274}
+PROJECTIONS = 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64  # option B's two 1x1 conv + BN
+
+
+def params_of(n, plain, shortcut, dataset):
+    """The parameters run.py records for the net: option B's projections, CIFAR-100's fc."""
+    extra_classes = 90 if dataset == "cifar100" else 0
+    return (PARAMS[n] + (PROJECTIONS if shortcut == "B" and not plain else 0)
+            + 65 * extra_classes)
 
 
 def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", iters=64_000,
@@ -27,10 +40,11 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
     fields of `tested`, which it adds). dataset: in config.json (older ones have none)."""
     folder = os.path.join(logdir, name)
     os.makedirs(folder)
+    params = params_of(n, plain, shortcut, dataset)
     milestones = [32_000, 48_000] if iters == 64_000 else [iters // 2, iters * 3 // 4]
     config = dict(n=n, plain=plain, shortcut=shortcut, iters=iters, milestones=milestones, lr=0.1,
                   batch_size=128, weight_decay=1e-4, momentum=0.9, seed=seed, val_size=0,
-                  warmup="auto", amp=amp, depth=6 * n + 2, params=PARAMS[n], name=name,
+                  warmup="auto", amp=amp, depth=6 * n + 2, params=params, name=name,
                   eval_every=iters // 4, log_every=iters // 10, start={}, resumes=[])
     if dataset is not None:
         config["dataset"] = dataset
@@ -48,11 +62,11 @@ def make_run(logdir, name, n=3, plain=False, shortcut="A", seed=0, amp="none", i
         writer.close()
     if stop_at is None:
         write_json(os.path.join(folder, "result.json"), dict(
-            test_error=final, test_loss=0.3, iterations=iters, depth=6 * n + 2, params=PARAMS[n],
+            test_error=final, test_loss=0.3, iterations=iters, depth=6 * n + 2, params=params,
             plain=plain, shortcut=shortcut, seed=seed, amp=amp, warmup_end=None))
     if responses is not None:
         write_json(os.path.join(folder, "test.json"), dict(dict(
-            test_error=final, per_class_error={}, iteration=end, params=PARAMS[n],
+            test_error=final, per_class_error={}, iteration=end, params=params,
             depth=6 * n + 2, plain=plain, shortcut=shortcut, checkpoint="checkpoint.pt",
             layer_responses=responses), **(tested or {})))
     return folder
@@ -425,6 +439,154 @@ def test_figure7_has_a_column_per_schedule_on_log_axes(tmp_path):
     assert [t.get_text() for t in short.get_legend().get_texts()] == ["ResNet-20", "plain-56"]
     assert all(ax.get_yscale() == "log" for ax in (full, short, full_sorted, short_sorted))
     assert list(short_sorted.lines[1].get_ydata()) == [9.0] + [0.8] * 54
+
+
+# ---------------------------------------------------------------- hostile run folders
+
+@contextlib.contextmanager
+def fails_after(seconds):
+    """Fails the test instead of letting it hang, e.g. in an open() of a FIFO."""
+    def expire(signum, frame):
+        pytest.fail(f"still running after {seconds} s", pytrace=False)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def edit_json(path, **changes):
+    with open(path) as f:
+        data = json.load(f)
+    write_json(path, dict(data, **changes))
+
+
+def warnings_naming(err, path):
+    return [line for line in err.splitlines() if path in line]
+
+
+def test_why_unreadable_allows_only_small_regular_files_and_links_to_them(tmp_path):
+    regular, link = tmp_path / "config.json", tmp_path / "link.json"
+    regular.write_text("{}")
+    link.symlink_to(regular)
+    why_unreadable = plumbing.why_unreadable
+    assert why_unreadable(str(regular), 2) is None and why_unreadable(str(link), 2) is None
+    assert why_unreadable(str(regular), 1) == f"{regular}: 2 bytes, more than the 1 allowed"
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name, reason in (("fifo", "a FIFO"), ("zero", "a character device"),
+                         (".", "a folder"), ("dangling", "cannot read (No such file")):
+        path = os.path.join(tmp_path, name)
+        assert why_unreadable(path, 2 ** 20).startswith(f"{path}: {reason}")
+
+
+@pytest.mark.parametrize("name", ["config.json", "result.json", "test.json",
+                                  "events.out.tfevents.1.fifo"])
+def test_a_fifo_in_a_run_folder_is_named_and_skipped_instead_of_blocking(tmp_path, capsys, name):
+    make_run(tmp_path, "resnet20", final=8.0, events=False)
+    folder = make_run(tmp_path, "resnet56", n=9, final=7.0, events=False, responses=[1.0] * 55)
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+        os.remove(path)
+    os.mkfifo(path)
+    with fails_after(10):
+        assert plot_curves.main(["--logdir", str(tmp_path), "--out", str(tmp_path / "out"),
+                                 "--markdown-only"]) == 0
+    captured = capsys.readouterr()
+    (warning,) = warnings_naming(captured.err, path)
+    assert "a FIFO, not a regular file" in warning
+    assert row(captured.out, "ResNet", 20)[3] == "8.00"
+
+
+def test_a_huge_result_json_is_refused_before_it_is_read(tmp_path, capsys):
+    folder = make_run(tmp_path, "resnet20", final=8.0, events=False)
+    path = os.path.join(folder, "result.json")
+    size = plot_curves.JSON_MAX_BYTES + 1
+    os.truncate(path, size)  # sparse: takes no room
+    (run,) = plot_curves.find_runs(str(tmp_path))
+    assert run.result is None
+    (warning,) = warnings_naming(capsys.readouterr().err, path)
+    assert f"{size:,} bytes, more than the" in warning
+
+
+def test_a_copied_run_folder_is_one_run_counted_once_with_a_warning(tmp_path, capsys):
+    folder = make_run(tmp_path, "resnet20", final=8.0)
+    shutil.copytree(folder, tmp_path / "resnet20-backup")
+    make_run(tmp_path, "resnet20-seed1", seed=1, final=9.0)
+    runs = plot_curves.find_runs(str(tmp_path))
+    assert row(plot_curves.table6(runs), "ResNet", 20)[3:7] == [
+        "8.00 (8.50±0.71)", "8.75", "-0.75", "2"]
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert folder in warning and str(tmp_path / "resnet20-backup") in warning
+
+
+def test_of_two_copies_of_a_run_the_finished_one_is_kept(tmp_path, capsys):
+    make_run(tmp_path, "resnet20", final=8.0, stop_at=32_000)
+    make_run(tmp_path, "resnet20-backup", final=7.0)
+    make_run(tmp_path, "resnet20-copy", final=7.0)
+    (run,) = plot_curves.find_runs(str(tmp_path))
+    assert run.folder == str(tmp_path / "resnet20-backup")
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and all(run.folder in warning for warning in warnings)
+
+
+@pytest.mark.parametrize("says", [dict(depth=8, params=75_290),  # trained as n=1
+                                  dict(params=853_018), dict(depth=56), dict(shortcut="B")])
+def test_a_config_json_whose_n_contradicts_its_depth_or_params_is_skipped(tmp_path, capsys,
+                                                                          says):
+    make_run(tmp_path, "resnet20", final=8.0)
+    path = os.path.join(make_run(tmp_path, "resnet20-edited", final=5.0), "config.json")
+    edit_json(path, **says)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet", 20)[3:7] == ["8.00", "8.75", "-0.75", "1"]
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert path in warning and "skipped" in warning
+
+
+@pytest.mark.parametrize("file, key, value", [
+    ("config.json", "n", "3"), ("config.json", "n", 0), ("config.json", "plain", "false"),
+    ("config.json", "milestones", 32_000), ("config.json", "milestones", ["32k"]),
+    ("config.json", "iters", None), ("config.json", "lr", [0.1]), ("config.json", "seed", {}),
+    ("config.json", "dataset", "svhn"), ("config.json", "bn_batch", "64"),
+    ("result.json", "test_error", "7.0"), ("result.json", "iterations", 64_000.5),
+    ("test.json", "iteration", "64000"), ("test.json", "layer_responses", [1, "x"])])
+def test_a_value_of_the_wrong_type_skips_its_file_in_one_line_and_the_table_is_made(
+        tmp_path, capsys, file, key, value):
+    make_run(tmp_path, "resnet20", final=8.0, events=False)
+    path = os.path.join(make_run(tmp_path, "resnet56", n=9, final=7.0, responses=[1.0] * 55,
+                                 events=False), file)
+    edit_json(path, **{key: value})
+    assert plot_curves.main(["--logdir", str(tmp_path), "--out", str(tmp_path / "out"),
+                             "--markdown-only"]) == 0
+    captured = capsys.readouterr()
+    (warning,) = warnings_naming(captured.err, path)
+    assert f"{key} is {json.dumps(value)}, expected" in warning
+    assert row(captured.out, "ResNet", 20)[3] == "8.00"
+
+
+def test_non_finite_curve_points_are_dropped_with_a_warning_and_leave_the_axis_alone(
+        tmp_path, capsys):
+    folder = make_run(tmp_path, "resnet20", final=8.0, events=False)
+    writer = SummaryWriter(folder)
+    # Both curves end in NaN, so that max() meets one first whatever order PYTHONHASHSEED gives
+    # the set of curves.
+    for step, train, test in ((32_000, 10.0, 15.0), (48_000, math.inf, 9.0),
+                              (64_000, math.nan, math.nan)):
+        writer.add_scalar("train/error", train, step)
+        writer.add_scalar("test/error", test, step)
+    writer.close()
+    make_run(tmp_path, "resnet56", n=9, final=7.0)
+    runs = plot_curves.find_runs(str(tmp_path))
+    _, resnets, _ = plot_curves.figure6(runs).axes
+    assert resnets.get_ylim() == (0, 20)
+    assert runs[0].scalars["train/error"] == ([32_000], [10.0])
+    assert runs[0].scalars["test/error"] == ([32_000, 48_000], [15.0, 9.0])
+    (path,) = glob.glob(os.path.join(folder, "events.out.tfevents.*"))
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert path in warning and "3 non-finite values (test/error, train/error)" in warning
 
 
 # ---------------------------------------------------------------- command line
