@@ -26,7 +26,7 @@ from tensorboard.compat.proto import event_pb2
 
 from experiment import (ADDED_KEYS, CONFIG_KEYS, NUM_CLASSES, PAPER_ERROR, PAPER_SCHEDULE, RECIPE,
                         TEST_ERROR, TRAIN_ERROR, depth_of, parameter_count, with_added_defaults)
-from plumbing import why_unreadable
+from plumbing import JSON_MAX_BYTES, why_unreadable
 
 DEPTH_COLOURS = {20: "tab:blue", 32: "tab:orange", 44: "tab:green", 56: "tab:red",
                  110: "tab:purple", 1202: "tab:brown"}
@@ -40,7 +40,6 @@ PAPER_ERROR_AXIS_TOP = 20  # Figure 6's error axis in the paper: 0-20%
 FIGURE7_NETS = {(True, 20), (True, 56), (False, 20), (False, 56), (False, 110)}  # (plain, depth)
 # The largest files read from a run folder: run.py's JSON files are a few KiB; its event files
 # 0.15 MB at its defaults, 15 MB logging every iteration of the paper's schedule.
-JSON_MAX_BYTES = 16 * 2 ** 20
 EVENT_FILE_MAX_BYTES = 256 * 2 ** 20
 
 

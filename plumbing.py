@@ -70,6 +70,12 @@ NOT_REGULAR = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK:
                stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
 
 
+# The largest run-folder files read: config.json, result.json, test.json; checkpoints (ResNet-1202's
+# weights and momentum are 0.2 GB).
+JSON_MAX_BYTES = 16 * 2 ** 20
+CHECKPOINT_MAX_BYTES = 4 * 2 ** 30
+
+
 def why_unreadable(path, max_bytes):
     """None if `path` is a regular file (or a link to one) of at most `max_bytes`, else why not,
     in one line that names it. It only stats the path, which never blocks: open() of a FIFO

@@ -37,8 +37,9 @@ from ddp import from_rank_0, ranks_agree, sync_batchnorm
 from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, TRAIN_ERROR,
                         TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, default_data_dir, depth_of,
                         with_added_defaults, without_added_defaults)
-from plumbing import (RunError, World, atomic_write, available_memory, git_commit,
-                      keep_freed_memory, run_folder, training_memory_bound, write_json)
+from plumbing import (CHECKPOINT_MAX_BYTES, JSON_MAX_BYTES, RunError, World, atomic_write,
+                      available_memory, git_commit, keep_freed_memory, run_folder,
+                      training_memory_bound, why_unreadable, write_json)
 from resnet import LayerResponses, ResNet, count_parameters
 
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
@@ -257,6 +258,11 @@ def load_checkpoint(path, keys=MODEL_KEYS, remedy=TRAIN_REMEDY):
     """A checkpoint holding at least `keys`, each of its type, refused in one line otherwise
     (ending with `remedy`); its configuration with_added_defaults. Its digest is checked by
     `verify_digest` once its contents were found to fit."""
+    if not os.path.lexists(path):
+        raise RunError(f"{path}: no checkpoint there")
+    problem = why_unreadable(path, CHECKPOINT_MAX_BYTES)  # a FIFO would block torch.load
+    if problem:
+        raise RunError(f"{problem}; {remedy}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -488,17 +494,21 @@ def resumable_checkpoint(folder, config, log_every):
 def read_run_info(folder):
     """The run folder's config.json (None if absent), with its list of resumes."""
     path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
+    remedy = "move it away to resume (a new one is written)"
+    problem = why_unreadable(path, JSON_MAX_BYTES)
+    if problem:
+        raise RunError(f"{problem}; {remedy}")
     try:
         with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError) as e:
-        raise RunError(f"{path}: unreadable ({e}); move it away to resume (a new one is "
-                       "written)") from None
-    if not (isinstance(info, dict) and isinstance(info.get("resumes"), list)):
-        raise RunError(f"{path}: not written by run.py (no list of resumes); move it away to "
-                       "resume (a new one is written)")
+        raise RunError(f"{path}: unreadable ({e}); {remedy}") from None
+    if not (isinstance(info, dict) and isinstance(info.get("start"), dict)
+            and isinstance(info.get("resumes"), list)
+            and all(isinstance(resume, dict) for resume in info["resumes"])):
+        raise RunError(f"{path}: not written by run.py (no start and list of resumes); {remedy}")
     return info
 
 
@@ -1058,6 +1068,9 @@ def testable_runs(logdir):
 
 
 def read_json_or_none(path):
+    """A JSON object from a run folder's file; None if it is absent, unsafe or not one."""
+    if why_unreadable(path, JSON_MAX_BYTES):
+        return None
     try:
         with open(path) as f:
             data = json.load(f)

@@ -11,6 +11,7 @@ import random
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -522,7 +523,8 @@ def test_a_resume_during_warmup_keeps_its_log_every_window(synthetic_cifar, tmp_
     assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 0
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}'])
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}', '{"resumes": []}',
+                                     '{"start": {}, "resumes": [42]}'])
 def test_a_damaged_config_json_refuses_the_resume_until_moved_away(content, stopped,
                                                                     synthetic_cifar, tmp_path,
                                                                     capsys):
@@ -538,6 +540,21 @@ def test_a_damaged_config_json_refuses_the_resume_until_moved_away(content, stop
     assert train(synthetic_cifar, tmp_path) == 0
     with open(folder / "config.json") as f:
         assert json.load(f)["start"]["iteration"] == STOP_AT  # a new one, from the resume
+
+
+@pytest.mark.parametrize("fifo, mode", [("checkpoint.pt", "train"), ("config.json", "train"),
+                                        ("config.json", "test"), ("result.json", "test")])
+def test_a_fifo_in_a_run_folder_never_blocks_a_command(fifo, mode, stopped, synthetic_cifar,
+                                                       tmp_path):
+    folder = tmp_path / NAME
+    shutil.copytree(stopped, folder)
+    (folder / fifo).unlink(missing_ok=True)
+    os.mkfifo(folder / fifo)
+    argv = ["1", mode, "--data-dir", synthetic_cifar, "--logdir", tmp_path, *FLAGS]
+    result = subprocess.run(command(*argv), capture_output=True, text=True, timeout=120)
+    if result.returncode:  # refused, naming the FIFO; or it did its job without reading it
+        assert f"{folder / fifo}" in one_line_error(result.stderr) and "FIFO" in result.stderr
+    assert stat.S_ISFIFO(os.stat(folder / fifo).st_mode)  # left as it was
 
 
 def without_root_powers(argv):
