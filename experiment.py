@@ -23,6 +23,7 @@ PAPER = dict(
 )
 PAPER_SCHEDULE = (PAPER["iters"], PAPER["milestones"])
 WARMUP_MAX_ITERS = 2_000  # our cap: the paper's warm-up ends after about 400 iterations
+WARMUP_WINDOW = 100  # iterations whose training error decides whether the warm-up ends
 # run.py's defaults of the settings that are not the net or the schedule: the paper's recipe, and
 # ours where it says nothing (no validation split, warm-up by depth, float32, CIFAR-10).
 RECIPE = dict(lr=PAPER["lr"], batch_size=PAPER["batch_size"], weight_decay=PAPER["weight_decay"],

@@ -35,7 +35,7 @@ import cli
 from cli import build_parser, default_bn_batch, default_milestones, default_name
 from ddp import from_rank_0, ranks_agree, sync_batchnorm
 from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, TRAIN_ERROR,
-                        TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, default_data_dir, depth_of,
+                        TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, default_data_dir, depth_of,
                         with_added_defaults, without_added_defaults)
 from plumbing import (CHECKPOINT_MAX_BYTES, JSON_MAX_BYTES, RunError, World, atomic_write,
                       available_memory, git_commit, keep_freed_memory, run_folder,
@@ -51,10 +51,11 @@ CHECKPOINT_TYPES = {
     "format": int, "model": object, "iteration": int, "per_pixel_mean": torch.Tensor,
     "config": dict, "optimizer": object, "warmup_end": (int, type(None)),
     "window": torch.Tensor, "train_seconds": (int, float), "log_every": int, "rng": dict,
-    "window_seconds": (int, float)}
+    "window_seconds": (int, float), "warmup_window": torch.Tensor}
 MODEL_KEYS = ("format", "model", "iteration", "per_pixel_mean", "config")
 CHECKPOINT_KEYS = tuple(CHECKPOINT_TYPES)
-SINCE_LATER = ("log_every", "window_seconds")  # absent from older checkpoints, which still load
+# Absent from older checkpoints, which still load.
+SINCE_LATER = ("log_every", "window_seconds", "warmup_window")
 
 
 # ---------------------------------------------------------------- command line (cli.py)
@@ -449,7 +450,7 @@ def open_run(args, config, world, stack):
     if world.rank == 0:
         try:
             folder = stack.enter_context(run_folder(args.logdir, args.name, args.fresh))
-            state = resumable_checkpoint(folder, config, args.log_every)
+            state = resumable_checkpoint(folder, config)
             outcome = ("resume", state)
             if state is not None and state["iteration"] >= config["iters"] and \
                     os.path.exists(os.path.join(folder, "result.json")):
@@ -467,7 +468,7 @@ def open_run(args, config, world, stack):
     return folder, state
 
 
-def resumable_checkpoint(folder, config, log_every):
+def resumable_checkpoint(folder, config):
     """The checkpoint to resume from (None for a new run), after checking it is this run's."""
     checkpoint_path = os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(checkpoint_path):
@@ -482,11 +483,6 @@ def resumable_checkpoint(folder, config, log_every):
                 f"its default)" if "bn_batch" in changed else "")
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}){hint}; "
                        "use another --name, or --fresh to start over")
-    warmup_window = state.get("log_every", log_every)
-    if uses_warmup(config) and state["warmup_end"] is None and warmup_window != log_every:
-        raise RunError(f"{checkpoint_path}: its warm-up is still on and ends on the training "
-                       f"error of --log-every windows of {warmup_window} iterations; resume "
-                       f"with --log-every {warmup_window}")
     read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     return state
 
@@ -587,8 +583,8 @@ class Window:
 
 
 class Warmup:
-    """The paper's warm-up (ResNet-110 and deeper by default): lr 0.01 until a window's
-    training error is below 80%."""
+    """The paper's warm-up (ResNet-110 and deeper by default): lr 0.01 until the training error
+    of a window of WARMUP_WINDOW iterations is below 80% (whatever --log-every is)."""
 
     def __init__(self, config, ended_at):
         self.ended_at = ended_at
@@ -651,6 +647,7 @@ class TrainingRun:
         self.params = count_parameters(self.model)
         self.optimizer = build_optimizer(self.model, config)
         self.window = Window(device, world.batch_share(config["batch_size"]), world)
+        self.warmup_window = Window(device, world.batch_share(config["batch_size"]), world)
         self.iteration, self.signals, self.stopping = 0, [], False
         self.estimated, self.progress_printed_at = False, None
         self.clock, self.warmup = TrainingClock(), Warmup(config, None)
@@ -688,6 +685,8 @@ class TrainingRun:
         self.clock = TrainingClock(float(state["train_seconds"]),
                                    float(state.get("window_seconds", 0.0)))
         self.window.restore(state["window"])
+        if "warmup_window" in state:
+            self.warmup_window.restore(state["warmup_window"])
         torch.set_rng_state(state["rng"]["torch"])
         self.data.per_pixel_mean = state["per_pixel_mean"]
 
@@ -740,11 +739,15 @@ class TrainingRun:
         self.window.add(loss, wrong)
         self.iteration += 1
         self.bar.update(1)
+        if self.warmup.on:
+            self.warmup_window.add(loss, wrong)
+            if self.iteration % WARMUP_WINDOW == 0:
+                self.end_warmup_window()
         # A lone process stops after any step; processes stop together after a window.
         self.stopping = bool(self.signals) and self.world.size == 1
 
     def end_window(self):
-        """Log the window's training loss, error, lr and speed; end the warm-up on its error."""
+        """Log the window's training loss, error, lr and speed."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, wrong, count, self.stopping = self.window.close(bool(self.signals))
         elapsed = self.clock.lap()
@@ -759,6 +762,11 @@ class TrainingRun:
         self.bar.set_postfix(loss=f"{loss_sum / count:.3f}", err=f"{train_error:.1f}%",
                              lr=f"{lr:g}", ips=f"{speed:.0f}", refresh=False)
         self.report_progress(loss_sum / count, train_error, lr, speed)
+
+    def end_warmup_window(self):
+        """End the warm-up if the training error of its last window is below the paper's 80%."""
+        _, wrong, count, _ = self.warmup_window.close(signalled=False)
+        train_error = 100.0 * wrong / count
         if self.warmup.window_closed(self.iteration, train_error):
             self.log(WARMUP_ENDED, self.iteration)
             self.say(f"warm-up ended at iteration {self.iteration} "
@@ -814,6 +822,7 @@ class TrainingRun:
                 "warmup_end": self.warmup.ended_at, "window": self.window.whole(),
                 "train_seconds": self.clock.seconds, "log_every": self.args.log_every,
                 "rng": {"torch": torch.get_rng_state()},
+                "warmup_window": self.warmup_window.whole(),
                 "window_seconds": self.clock.lap_seconds}  # the clock is paused while saving
 
     def save(self):

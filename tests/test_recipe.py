@@ -48,6 +48,7 @@ def test_resume_after_warmup_keeps_the_schedules_lr(synthetic_cifar, tmp_path, s
                                                     monkeypatch):
     # Random labels keep the training error near 90%: the cap ends the warm-up, here at the
     # first window (iteration 4) instead of 2,000. Both runs stop early: no evaluation.
+    monkeypatch.setattr(run, "WARMUP_WINDOW", 4)
     monkeypatch.setattr(run, "WARMUP_MAX_ITERS", 4)
     folder = tmp_path / "resnet8-iters12-warmup-on"
     with sigterm_after(5):
@@ -59,6 +60,18 @@ def test_resume_after_warmup_keeps_the_schedules_lr(synthetic_cifar, tmp_path, s
     lrs = [round(step["lr"], 9) for step in steps]
     assert lrs == [0.01] * 4 + [0.1] * 2 + [0.01]  # 0-3 warm-up; 4 and 5 (resumed) 0.1; /10 at 6
     assert checkpoint_of(folder)["warmup_end"] == 4
+
+
+@pytest.mark.parametrize("log_every", ["1", "5", "50"])
+def test_the_warmup_ends_on_its_own_window_whatever_log_every_is(synthetic_cifar, tmp_path,
+                                                                 steps, monkeypatch, log_every):
+    monkeypatch.setattr(run, "WARMUP_WINDOW", 2)
+    monkeypatch.setattr(run, "WARMUP_MAX_ITERS", 6)  # random labels: the cap ends it
+    with sigterm_after(8):  # no evaluation
+        assert train(synthetic_cifar, tmp_path, "--warmup", "on", "--log-every", log_every,
+                     "--milestones", "7", "9") == 128 + signal.SIGTERM
+    assert [round(step["lr"], 9) for step in steps] == [0.01] * 6 + [0.1] + [0.01]
+    assert checkpoint_of(tmp_path / "resnet8-iters12-ms7-9-warmup-on")["warmup_end"] == 6
 
 
 def test_sgd_is_given_the_recipes_momentum_and_weight_decay(synthetic_cifar, tmp_path, steps):

@@ -509,18 +509,20 @@ def test_an_unusable_logdir_is_a_one_line_error(layout, culprit, synthetic_cifar
 
 
 @pytest.mark.slow
-def test_a_resume_during_warmup_keeps_its_log_every_window(synthetic_cifar, tmp_path, capsys):
-    # Random labels keep the training error near 90%: the warm-up is still on at the stop.
-    with sigterm_after(STOP_AT):
-        assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 128 + signal.SIGTERM
-    capsys.readouterr()
-    checkpoint = tmp_path / f"{NAME}-warmup-on" / "checkpoint.pt"
-    before = checkpoint.read_bytes()
-    assert train(synthetic_cifar, tmp_path, "--warmup", "on", "--log-every", "3") == 1
-    error = one_line_error(capsys.readouterr().err)
-    assert str(checkpoint) in error and "resume with --log-every 4" in error
-    assert checkpoint.read_bytes() == before
-    assert train(synthetic_cifar, tmp_path, "--warmup", "on") == 0
+def test_a_resume_during_warmup_with_another_log_every_ends_exactly_as_one_run(
+        synthetic_cifar, tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "WARMUP_WINDOW", 3)  # random labels: the warm-up runs to the cap
+    monkeypatch.setattr(run, "WARMUP_MAX_ITERS", 15)
+    assert train(synthetic_cifar, tmp_path / "whole", "--warmup", "on") == 0
+    with sigterm_after(STOP_AT - 2):  # mid warm-up window: windows end at 3, 6, 9
+        assert train(synthetic_cifar, tmp_path / "resumed", "--warmup", "on") == \
+            128 + signal.SIGTERM
+    assert train(synthetic_cifar, tmp_path / "resumed", "--warmup", "on",
+                 "--log-every", "7") == 0
+    whole, resumed = (checkpoint_of(tmp_path / d / f"{NAME}-warmup-on")
+                      for d in ("whole", "resumed"))
+    assert whole["warmup_end"] == resumed["warmup_end"] == 15
+    assert_same_state(whole, resumed)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}', '{"resumes": []}',
