@@ -109,23 +109,23 @@ def git_commit():
 @contextlib.contextmanager
 def run_folder(logdir, name, fresh):
     """Create <logdir>/<name> and hold its lock for the whole run: a second process on the
-    same folder is refused instead of interleaving checkpoints."""
+    same folder is refused instead of interleaving checkpoints. The lock is on the folder
+    itself, which tidying cannot delete; its .lock file only names the process holding it."""
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise RunError(f"--logdir {logdir}: is a file, expected a folder")
     folder = os.path.join(logdir, name)
     try:
         os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, ".lock"), "a+")
+        lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise RunError(f"--logdir {logdir}: cannot create run folder {folder} ({e.strerror})") from None
-    with lock:
+    try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.seek(0)
-            raise RunError(f"{folder}: in use by another process (pid {lock.read().strip() or '?'}); "
+            raise RunError(f"{folder}: in use by another process (pid {lock_holder(folder)}); "
                            "one run per folder") from None
-        if fresh and len(os.listdir(folder)) > 1:
+        if fresh and set(os.listdir(folder)) - {".lock"}:
             replaced = os.path.join(logdir, ".replaced", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.makedirs(os.path.dirname(replaced), exist_ok=True)
             os.replace(folder, replaced)
@@ -133,14 +133,38 @@ def run_folder(logdir, name, fresh):
             with run_folder(logdir, name, fresh=False) as new_folder:
                 yield new_folder
             return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+        with open(os.path.join(folder, ".lock"), "w") as f:
+            f.write(str(os.getpid()))
         for name in os.listdir(folder):  # half-written by a process that died mid-write
             if ".tmp-" in name:
                 os.remove(os.path.join(folder, name))
         yield folder
+    finally:
+        os.close(lock)
+
+
+def lock_holder(folder):
+    """The pid its .lock file names, as text; "?" if it names none."""
+    try:
+        with open(os.path.join(folder, ".lock")) as f:
+            return f.read(32).strip() or "?"
+    except OSError:
+        return "?"
+
+
+def locked_by_another(folder):
+    """Whether a process holds `folder`'s run lock (run_folder); takes none and creates nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock we may have got
+    return False
 
 
 GiB = 2 ** 30

@@ -17,7 +17,6 @@ if __name__ == "__main__":  # a mistyped flag is reported before torch loads, wh
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import math
@@ -38,8 +37,9 @@ from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, T
                         TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, default_data_dir, depth_of,
                         with_added_defaults, without_added_defaults)
 from plumbing import (CHECKPOINT_MAX_BYTES, JSON_MAX_BYTES, RunError, World, atomic_write,
-                      available_memory, git_commit, keep_freed_memory, run_folder,
-                      training_memory_bound, why_unreadable, write_json)
+                      available_memory, git_commit, keep_freed_memory, lock_holder,
+                      locked_by_another, run_folder, training_memory_bound, why_unreadable,
+                      write_json)
 from resnet import LayerResponses, ResNet, count_parameters
 
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
@@ -1090,17 +1090,8 @@ def read_json_or_none(path):
 
 def training_process(folder):
     """The pid (a string; "?" if unknown) of the process that trains in `folder`, which holds
-    the folder's lock (plumbing.run_folder), or None. Creates no lock file."""
-    try:
-        lock = open(os.path.join(folder, ".lock"))
-    except OSError:
-        return None  # never trained here: a published or copied folder
-    with lock:  # closing it releases the shared lock we may get
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return lock.read().strip() or "?"
-    return None
+    the folder's lock (plumbing.run_folder), or None."""
+    return lock_holder(folder) if locked_by_another(folder) else None
 
 
 def main(argv=None):

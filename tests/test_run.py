@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import plot_curves
+import plumbing
 import run
 from conftest import ROOT
 
@@ -302,15 +303,13 @@ def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_second_process_on_the_same_run_folder_is_refused(synthetic_cifar, tmp_path, capsys):
-    import fcntl
-    folder = tmp_path / "resnet8-iters12"
-    folder.mkdir()
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def test_a_second_process_on_the_same_run_folder_is_refused_even_without_its_lock_file(
+        synthetic_cifar, tmp_path, capsys):
+    with plumbing.run_folder(str(tmp_path), "resnet8-iters12", fresh=False) as folder:
+        os.remove(os.path.join(folder, ".lock"))  # tidied away: the folder stays locked
         assert train(synthetic_cifar, tmp_path) == 1
     assert "in use by another process" in capsys.readouterr().err
-    assert not os.path.exists(folder / "checkpoint.pt")
+    assert not os.path.exists(os.path.join(folder, "checkpoint.pt"))
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """run.py N test: finding the run without retyping its flags, and testing a run that another
 process is still training."""
-import fcntl
 import json
 import os
 import shutil
@@ -8,6 +7,7 @@ import shutil
 import pytest
 
 import plot_curves
+import plumbing
 import run
 from test_run import few_test_images, sigterm_after, train
 
@@ -81,12 +81,8 @@ def test_checkpoint_may_be_a_run_folder(logdir, tmp_path):
 def in_training(logdir):
     """The stopped run's folder, locked as run.py's training holds it (pid 4242)."""
     folder = logdir / "resnet8-iters12-lr0.05"
-    with open(folder / ".lock", "r+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.seek(0)
-        lock.truncate()
-        lock.write("4242")
-        lock.flush()
+    with plumbing.run_folder(str(logdir), folder.name, fresh=False):
+        (folder / ".lock").write_text("4242")
         yield folder
 
 
