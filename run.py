@@ -51,11 +51,11 @@ CHECKPOINT_TYPES = {
     "format": int, "model": object, "iteration": int, "per_pixel_mean": torch.Tensor,
     "config": dict, "optimizer": object, "warmup_end": (int, type(None)),
     "window": torch.Tensor, "train_seconds": (int, float), "log_every": int, "rng": dict,
-    "window_seconds": (int, float), "warmup_window": torch.Tensor}
+    "window_seconds": (int, float), "warmup_window": torch.Tensor, "train_digest": str}
 MODEL_KEYS = ("format", "model", "iteration", "per_pixel_mean", "config")
 CHECKPOINT_KEYS = tuple(CHECKPOINT_TYPES)
 # Absent from older checkpoints, which still load.
-SINCE_LATER = ("log_every", "window_seconds", "warmup_window")
+SINCE_LATER = ("log_every", "window_seconds", "warmup_window", "train_digest")
 
 
 # ---------------------------------------------------------------- command line (cli.py)
@@ -388,21 +388,27 @@ def load_data(args, split):
 
 @dataclasses.dataclass
 class Splits:
-    """The images (uint8, (N, 3, 32, 32)) and labels of training, validation and test, and
-    the per-pixel mean of the training images in use."""
+    """The images (uint8, (N, 3, 32, 32)) and labels of training, validation and test, the
+    per-pixel mean of the training images in use, and the sha256 of all training records."""
     train: tuple
     val: tuple
     test: tuple
     per_pixel_mean: torch.Tensor
+    train_digest: str = None
 
     @classmethod
     def load(cls, args):
-        train, val = cifar_binary.train_val_split(*load_data(args, "train"), args.val_size)
-        return cls(train, val, load_data(args, "test"), cifar_binary.per_pixel_mean(train[0]))
+        images, labels = load_data(args, "train")
+        digest = hashlib.sha256(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+        train, val = cifar_binary.train_val_split(images, labels, args.val_size)
+        return cls(train, val, load_data(args, "test"), cifar_binary.per_pixel_mean(train[0]),
+                   digest.hexdigest())
 
     def to(self, device):
         on = lambda pair: tuple(t.to(device) for t in pair)
-        return Splits(on(self.train), on(self.val), on(self.test), self.per_pixel_mean.to(device))
+        return Splits(on(self.train), on(self.val), on(self.test), self.per_pixel_mean.to(device),
+                      self.train_digest)
 
 
 def build_model(config, device, batch_share=None):
@@ -512,7 +518,8 @@ def write_run_info(args, run, resumed):
     """config.json: every setting, and the machine and code of the start and of each resume."""
     info = {**run.config, "depth": depth_of(run.config["n"]), "params": run.params,
             "name": args.name, "data_dir": os.path.abspath(args.data_dir),
-            "train_images": len(run.data.train[0]), "eval_every": args.eval_every,
+            "train_images": len(run.data.train[0]), "train_sha256": run.data.train_digest,
+            "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every, "log_every": args.log_every,
             "compile": args.compile, "sync_bn": args.sync_bn}
     machine = {"device": str(run.device), "processes": run.world.size,
@@ -680,6 +687,11 @@ class TrainingRun:
             if buffer is not None and buffer.shape != param.shape:
                 raise ValueError(f"momentum buffer of shape {tuple(buffer.shape)} for "
                                  f"a parameter of shape {tuple(param.shape)}")
+        if state.get("train_digest", self.data.train_digest) != self.data.train_digest:
+            raise RunError(f"{self.checkpoint_path}: the run trained on other data than "
+                           f"{self.args.data_dir} holds (sha256 of the training records "
+                           f"{state['train_digest'][:12]}..., now {self.data.train_digest[:12]}"
+                           "...); point --data-dir at its data, or --fresh to start over")
         self.iteration = int(state["iteration"])
         self.warmup = Warmup(self.config, state["warmup_end"])
         self.clock = TrainingClock(float(state["train_seconds"]),
@@ -823,6 +835,7 @@ class TrainingRun:
                 "train_seconds": self.clock.seconds, "log_every": self.args.log_every,
                 "rng": {"torch": torch.get_rng_state()},
                 "warmup_window": self.warmup_window.whole(),
+                "train_digest": self.data.train_digest,
                 "window_seconds": self.clock.lap_seconds}  # the clock is paused while saving
 
     def save(self):

@@ -559,6 +559,24 @@ def test_a_fifo_in_a_run_folder_never_blocks_a_command(fifo, mode, stopped, synt
     assert stat.S_ISFIFO(os.stat(folder / fifo).st_mode)  # left as it was
 
 
+def test_a_resume_on_other_training_data_is_refused_in_one_line(stopped, synthetic_cifar,
+                                                                tmp_path, capsys):
+    folder = tmp_path / NAME
+    shutil.copytree(stopped, folder)
+    swapped = tmp_path / "swapped"  # the same files, two of them under each other's names
+    swapped.mkdir()
+    for name in os.listdir(synthetic_cifar):
+        other = {"data_batch_1.bin": "data_batch_2.bin",
+                 "data_batch_2.bin": "data_batch_1.bin"}.get(name, name)
+        os.symlink(os.path.join(synthetic_cifar, other), swapped / name)
+    before = (folder / "checkpoint.pt").read_bytes()
+    assert train(str(swapped), tmp_path) == 1
+    error = one_line_error(capsys.readouterr().err)
+    assert str(folder / "checkpoint.pt") in error and "other data" in error
+    assert (folder / "checkpoint.pt").read_bytes() == before
+    assert train(synthetic_cifar, tmp_path) == 0  # on its own data it resumes
+
+
 def without_root_powers(argv):
     """argv run so that file modes bind, even for root (which ignores them otherwise)."""
     if os.geteuid() != 0:
