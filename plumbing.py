@@ -56,9 +56,11 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a write's error names no file
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)

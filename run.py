@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import textwrap
+import threading
 import time
 
 import torch
@@ -709,27 +710,57 @@ class TrainingRun:
         on_signal = lambda signum, frame: self.signals.append(signum)
         self.previous_handlers = {s: signal.signal(s, on_signal)
                                   for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_excepthook = threading.excepthook
+        threading.excepthook = self.quiet_event_writer
+        self.bar = tqdm(total=self.config["iters"], initial=self.iteration, dynamic_ncols=True,
+                        smoothing=0.05, disable=None if self.lead else True)
         # A resumed writer hides what the previous process logged after its checkpoint; what it
         # logged at the checkpoint's own iteration (before saving) stays. Its file is its own
         # (the name holds the process id), and its flush() returns once every queued event is
         # in the file, which save() relies on.
-        self.writer = (SummaryWriter(self.folder, flush_secs=30,
-                                     purge_step=self.iteration + 1 if self.iteration else None)
-                       if self.lead else None)
-        self.bar = tqdm(total=self.config["iters"], initial=self.iteration, dynamic_ncols=True,
-                        smoothing=0.05, disable=None if self.lead else True)
+        self.writer = None
+        try:
+            with self.event_file():
+                self.writer = (SummaryWriter(self.folder, flush_secs=30, purge_step=(
+                    self.iteration + 1 if self.iteration else None)) if self.lead else None)
+        except RunError:
+            self.__exit__(RunError, None, None)
+            raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.bar.close()
         for s, handler in self.previous_handlers.items():
             signal.signal(s, handler)
-        if self.writer:
-            self.writer.close()
+        try:
+            if self.writer and exc_type is None:
+                with self.event_file():
+                    self.writer.close()
+            elif self.writer:  # already failing: the writer may fail too
+                with contextlib.suppress(OSError):
+                    self.writer.close()
+        finally:
+            threading.excepthook = self.previous_excepthook
+
+    @contextlib.contextmanager
+    def event_file(self):
+        """An error writing the event file (a full disk) as one line naming its folder."""
+        try:
+            yield
+        except OSError as e:
+            raise RunError(f"{self.folder}: cannot write its TensorBoard event file "
+                           f"({e.strerror or e}); the last checkpoint is kept") from None
+
+    def quiet_event_writer(self, hook_args):
+        """TensorBoard's writer thread meets a write error first; the training thread meets
+        the same error at its next write and reports it in one line: no traceback here."""
+        if not issubclass(hook_args.exc_type, OSError):
+            self.previous_excepthook(hook_args)
 
     def log(self, tag, value):
         if self.lead:
-            self.writer.add_scalar(tag, value, self.iteration)
+            with self.event_file():
+                self.writer.add_scalar(tag, value, self.iteration)
 
     def say(self, message):
         """A line above the progress bar, from one process (tqdm.write ignores `disable`)."""
@@ -850,7 +881,8 @@ class TrainingRun:
                                "not saving them")
             state = self.state()
             if self.lead:
-                self.writer.flush()  # every curve point the checkpoint covers, in the file first
+                with self.event_file():  # every curve point the checkpoint covers, in the file first
+                    self.writer.flush()
                 save_checkpoint(self.checkpoint_path, state)
 
     def stopped(self):
@@ -1119,6 +1151,8 @@ def main(argv=None):
             e = (f"out of GPU memory with N={args.n} and batches of {args.batch_size} "
                  f"({str(e).strip().splitlines()[0][:160]}); use a smaller --batch-size or N, "
                  "or free the GPU")
+        if isinstance(e, OSError) and e.filename:  # a file we write: name it
+            e = f"{e.filename}: {e.strerror or e}"
         world = World.from_environment()  # errors may differ by process: each says its own
         print(f"error: {f'[rank {world.rank}] ' if world.size > 1 else ''}{e}", file=sys.stderr)
         return 1

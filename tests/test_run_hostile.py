@@ -577,6 +577,21 @@ def test_a_resume_on_other_training_data_is_refused_in_one_line(stopped, synthet
     assert train(synthetic_cifar, tmp_path) == 0  # on its own data it resumes
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("limit, culprit", [(500, "config.json"), (3000, "event file")])
+def test_a_full_disk_is_one_line_naming_what_could_not_be_written(limit, culprit,
+                                                                  synthetic_cifar, tmp_path):
+    setup = (f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)")  # writes fail as on a full disk
+    argv = ["1", "train", "--data-dir", synthetic_cifar, "--logdir", tmp_path, "--iters", "300",
+            "--log-every", "1", "--eval-every", "1000", "--ckpt-every", "1000",
+            "--batch-size", "32", "--threads", "1"]
+    result = subprocess.run(command(*argv, setup=setup), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert culprit in one_line_error(result.stderr)  # no traceback, from any thread
+
+
 def without_root_powers(argv):
     """argv run so that file modes bind, even for root (which ignores them otherwise)."""
     if os.geteuid() != 0:
