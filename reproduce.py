@@ -15,6 +15,7 @@ and the run in run.py's usual folder <logdir>/<name>/. Rerunning skips the finis
 resumes the interrupted ones from their checkpoints.
 """
 import argparse
+import collections
 import contextlib
 import ctypes
 import io
@@ -38,6 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_PY = os.path.join(HERE, "run.py")
 POLL_SECONDS = 0.2     # how often finished processes are noticed
 REFRESH_SECONDS = 5.0  # how often a terminal's overview is redrawn
+MAX_JOBS = 1024   # runs at a time: more than any machine runs of these trainings at once
+MAX_SEEDS = 1000  # seeds of each net: 10,000 runs of the matrix; more is a typo
+# run.py's settings that make a run one entry of the matrix (with its N and mode): given after
+# --, they would apply to every entry alike and make entries share a folder.
+ENTRY_FLAGS = {"plain": "--plain", "shortcut": "--shortcut", "seed": "--seed", "name": "--name"}
 
 
 @dataclass
@@ -62,22 +68,31 @@ class PlannedRun:
 
 # ---------------------------------------------------------------- the commands
 
-def parse_args(argv=None):
-    """reproduce.py's options, and the run.py arguments given after `--`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    argv, extra = argv[:split], argv[split + 1:]
+def whole_number_up_to(limit):
+    """An argparse type: a whole number from 1 to `limit`."""
+    def parse(text):
+        value = cli.positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {limit}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def build_parser():
     p = argparse.ArgumentParser(
         description="Train and evaluate the CIFAR-10 matrix of He et al. 2015 (Sec. 4.2) with "
                     "run.py, then make Table 6 and Figures 6 and 7. Arguments after -- are "
-                    "passed to every run.py command.")
+                    "passed to every run.py command: flags that every run shares, not N, "
+                    "--plain, --shortcut, --seed or --name, which the entries set "
+                    "(python run.py --help lists them).")
     p.add_argument("--only", nargs="+", choices=list(MATRIX), metavar="NAME",
                    help="these nets only, from: " + " ".join(MATRIX))
-    p.add_argument("--seeds", type=cli.positive_int, default=1,
+    p.add_argument("--seeds", type=whole_number_up_to(MAX_SEEDS), default=1,
                    help="seeds 0..K-1 of each net (default: %(default)s)")
-    p.add_argument("--jobs", type=cli.positive_int, default=1,
-                   help="runs at a time; on CPU they split the cores, on G GPUs job slot i "
-                        "uses GPU i mod G (default: %(default)s)")
+    p.add_argument("--jobs", type=whole_number_up_to(MAX_JOBS), default=1,
+                   help="runs at a time (no more than there are runs); on CPU they split the "
+                        "cores, on G GPUs job slot i uses GPU i mod G (default: %(default)s)")
     p.add_argument("--print", action="store_true",
                    help="print the commands, one run a line, and run nothing")
     p.add_argument("--out", default="out", help="folder for Table 6 and the figures "
@@ -90,7 +105,48 @@ def parse_args(argv=None):
     to_run.add_argument("--data-dir", help="run.py's default: $CIFAR10_DIR, else "
                                            "data/cifar-10-batches-bin")
     to_run.add_argument("--download", action="store_true")
-    return p.parse_args(argv), extra
+    return p
+
+
+def usage_error(message):
+    """Exit 2 with reproduce.py's usage and `message`, as argparse does."""
+    build_parser().error(message)
+
+
+def parse_args(argv=None):
+    """reproduce.py's options, and the run.py arguments given after `--`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:split], argv[split + 1:]
+    options = build_parser().parse_args(argv)
+    check_run_arguments(extra)
+    return options, extra
+
+
+def check_run_arguments(extra):
+    """Refuse, after --, help (it would be run.py's under this script's name) and whatever
+    makes a run the entry it is (N, the mode, ENTRY_FLAGS): each would apply to every entry
+    alike, so that entries would share one folder. The rest is parsed as run.py parses it,
+    its errors reported as reproduce.py's usage errors."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if arg == "-h" or (len(flag) > 2 and "--help".startswith(flag)):
+            usage_error(f"{arg} after --: this would be run.py's help; see python run.py --help "
+                        "for the flags to pass after --")
+    parser = run.build_parser()
+    parser.error = lambda message: usage_error(f"after --: run.py {message}")
+    parser.set_defaults(**dict.fromkeys(ENTRY_FLAGS))  # None: not given
+    given, rest = parser.parse_known_args(["1", "train", *extra])  # abbreviations too
+    for dest, flag in ENTRY_FLAGS.items():
+        if getattr(given, dest) is not None:
+            usage_error(f"{flag} after --: it would apply to every entry alike and make entries "
+                        "share a folder; choose the nets with --only and the seeds with --seeds")
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        usage_error(f"after --: run.py has no option {unknown[0]}")
+    if rest:
+        usage_error(f"{' '.join(rest)} after --: each entry sets run.py's N and mode; pass "
+                    "only flags after --")
 
 
 def selected_nets(options):
@@ -127,10 +183,26 @@ def plan(options, extra, threads=None):
 
 
 def shell_line(command, env=None):
-    """A run.py command as a user types it (from the current folder)."""
+    """A run.py command as a user types it (from the current folder), with this interpreter, so
+    that it runs as printed."""
     gpu = env.get("CUDA_VISIBLE_DEVICES") if env else None
     prefix = [f"CUDA_VISIBLE_DEVICES={gpu}"] if gpu is not None else []
-    return " ".join(prefix + [shlex.join(["python", os.path.relpath(RUN_PY), *command])])
+    return " ".join(prefix + [shlex.join([sys.executable, os.path.relpath(RUN_PY), *command])])
+
+
+def check_folders(runs):
+    """Usage errors for runs that would share a folder, and for a --logdir that is, or is
+    inside, a file."""
+    for folder, count in collections.Counter(r.folder for r in runs).items():
+        if count > 1:
+            usage_error(f"{count} runs would share the folder {folder}; each run needs its own")
+    for logdir in dict.fromkeys(os.path.dirname(r.folder) for r in runs):
+        path = logdir
+        while path and not os.path.isdir(path):
+            if os.path.lexists(path):
+                where = "" if path == logdir else f" {path}"
+                usage_error(f"--logdir {logdir}:{where} is a file, expected a folder")
+            path = os.path.dirname(path)
 
 
 def given(extra, flag):
@@ -219,7 +291,7 @@ def forwarding_signals(runs, received):
 def run_all(runs, jobs, gpus, overview):
     """Run the runs' commands, `jobs` runs at a time, until all have ended or a signal came.
     Returns the signals received."""
-    slots, received = [None] * jobs, []  # slot -> the run in it
+    slots, received = [None] * min(jobs, len(runs)), []  # slot -> the run in it
     with forwarding_signals(runs, received):
         while True:
             for planned in runs:
@@ -273,9 +345,11 @@ def duration(seconds):
 def state_detail(planned):
     """What the overview says of a run after its name and state."""
     if planned.state == "done":
-        result = plot_curves.read_json(os.path.join(planned.folder, "result.json"),
-                                       ("test_error",))
-        return f"test error {result['test_error']:.2f}%" if result else ""
+        path = os.path.join(planned.folder, "result.json")
+        error = (plot_curves.read_json(path, ("test_error",)) or {}).get("test_error")
+        if isinstance(error, (int, float)) and not isinstance(error, bool):
+            return f"test error {error:.2f}%"
+        return "result.json unreadable" if os.path.exists(path) else ""
     if planned.state in ("failed", "stopped"):
         return f"exit {planned.returncode}: {last_line(planned.log)}"
     if planned.state == "running" and planned.phase == "test":
@@ -344,6 +418,7 @@ def main(argv=None):
     count = options.seeds * len(selected_nets(options))
     threads, gpus = placement(options.jobs, count, extra)
     runs = plan(options, extra, threads)
+    check_folders(runs)
     if options.print:
         for planned in runs:
             print(" && ".join(shell_line(command) for command in planned.commands))

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -134,7 +135,8 @@ def test_print_lists_exactly_the_commands_that_were_run(matrix):
             assert run_commands == printed[:1] * 2  # killed, then failed: never got to its test
         else:  # killed or not, then resumed
             assert run_commands[-2:] == printed and set(run_commands) == set(printed)
-    assert lines[0].startswith("python ") and " 3 train --plain --iters 12 " in lines[0]
+    assert lines[0].startswith(f"{shlex.quote(sys.executable)} ")
+    assert " 3 train --plain --iters 12 " in lines[0]
 
 
 def test_a_rerun_skips_finished_runs_and_retries_the_failed_one(matrix):
@@ -176,7 +178,8 @@ def test_print_lists_the_matrix_in_the_campaigns_order(capsys, monkeypatch):
     assert nets == [["9", "train"], ["9", "train", "--plain"], ["3", "train", "--plain"],
                     ["18", "train"], ["5", "train"], ["7", "train"], ["5", "train", "--plain"],
                     ["7", "train", "--plain"], ["3", "train"], ["200", "train"]]
-    assert lines[1] == "python run.py 9 train --plain && python run.py 9 test --plain"
+    python = shlex.quote(sys.executable)  # the interpreter running reproduce.py
+    assert lines[1] == f"{python} run.py 9 train --plain && {python} run.py 9 test --plain"
 
 
 def test_seeds_after_the_first_add_a_seed_flag_and_a_folder_each():
@@ -236,7 +239,90 @@ def test_jobs_take_the_gpus_in_turn(monkeypatch):
     assert reproduce.placement(jobs=3, runs_count=10, extra=[]) == (None, ["5", "7"])
     env = {"CUDA_VISIBLE_DEVICES": "7"}
     assert reproduce.shell_line(["9", "train"], env) == \
-        "CUDA_VISIBLE_DEVICES=7 python run.py 9 train"
+        f"CUDA_VISIBLE_DEVICES=7 {shlex.quote(sys.executable)} run.py 9 train"
+
+
+def usage_error(err):
+    """reproduce.py's argparse complaint: its own usage block (not run.py's), then one line
+    `<prog>: error: ...`; returns that line."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[0].startswith("usage: "), err
+    assert "--seeds" in err and "--eval-every" not in err, err  # reproduce.py's usage
+    assert ": error: " in lines[-1], err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("after_dashes, named", [
+    (["--plain"], "--plain"),
+    (["--pla"], "--plain"),  # argparse's abbreviation
+    (["--shortcut", "B"], "--shortcut"),
+    (["--seed", "7"], "--seed"),
+    (["--seed=7"], "--seed"),
+    (["--name", "X"], "--name"),
+    (["5"], "5"),
+    (["--iters", "12", "test"], "test"),
+])
+def test_run_flags_after_the_dashes_that_change_which_run_an_entry_is_are_usage_errors(
+        after_dashes, named, capsys):
+    # They would make entries share a folder: `--only resnet20 plain20 -- --plain` trained
+    # plain-20 twice in one folder and ResNet-20 never.
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--only", "resnet20", "plain20", "--seeds", "2", "--print", "--",
+                        *after_dashes])
+    assert exit_info.value.code == 2
+    assert named in usage_error(capsys.readouterr().err)
+
+
+def test_two_planned_runs_in_one_folder_are_a_usage_error_naming_it(monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "MATRIX", {"resnet20": (3, False), "resnet20-too": (3, False)})
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--print", "--logdir", "somewhere"])
+    assert exit_info.value.code == 2
+    assert os.path.join("somewhere", "resnet20") in usage_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--he"])
+def test_help_after_the_dashes_is_a_usage_error_pointing_at_run_py_help(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--print", "--", "--iters", "12", flag])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # not run.py's help under reproduce.py's name
+    assert "run.py --help" in usage_error(err)
+
+
+@pytest.mark.parametrize("logdir", ["a-file", os.path.join("a-file", "runs")])
+@pytest.mark.parametrize("where", ["option", "after the dashes"])
+def test_a_logdir_that_is_or_is_inside_a_file_is_a_usage_error_naming_it(logdir, where, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    flags = ["--logdir", logdir] if where == "option" else ["--", "--logdir", logdir]
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--only", "resnet20", "--iters", "1", "--data-dir", "absent", *flags])
+    assert exit_info.value.code == 2
+    error = usage_error(capsys.readouterr().err)
+    assert "--logdir" in error and "a-file" in error
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flag, value", [("--jobs", "1000000000000"),
+                                         ("--seeds", "1000000000000")])
+def test_absurd_jobs_or_seeds_are_a_usage_error_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--only", "resnet20", "--print", flag, value])
+    assert exit_info.value.code == 2
+    error = usage_error(capsys.readouterr().err)
+    assert flag in error and value in error
+
+
+def test_printed_lines_run_with_this_interpreter_as_printed(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "executable", "/opt/my envs/bin/python")
+    assert reproduce.main(["--only", "plain20", "--print"]) == 0
+    train, test = capsys.readouterr().out.strip().split(" && ")
+    assert shlex.split(train) == ["/opt/my envs/bin/python", "run.py", "3", "train", "--plain"]
+    assert shlex.split(test) == ["/opt/my envs/bin/python", "run.py", "3", "test", "--plain"]
 
 
 # ---------------------------------------------------------------- the overview
@@ -265,3 +351,14 @@ def test_overview_shows_iteration_speed_and_time_left_from_the_event_files(tmp_p
         writer.add_scalar("speed/images_per_second", 640.0, 100)
         writer.add_scalar("speed/images_per_second", 512.0, 16_000)
     assert reproduce.state_detail(run_) == "16,000/64,000 iters  512 img/s  3h20m left"
+
+
+@pytest.mark.parametrize("test_error", ["x", None, [8.2], True])
+def test_overview_shows_a_finished_run_whose_result_holds_no_number(tmp_path, test_error):
+    planned = reproduce.PlannedRun(str(tmp_path / "resnet56"), str(tmp_path / "resnet56.log"),
+                                   64_000, 128, [], state="done")
+    os.makedirs(planned.folder)
+    with open(os.path.join(planned.folder, "result.json"), "w") as f:
+        json.dump({"test_error": test_error}, f)
+    assert "result.json" in reproduce.state_detail(planned)
+    assert "result.json" in reproduce.overview_lines([planned])[1]
