@@ -9,7 +9,10 @@ images as torchvision gives them (RGB, float in [0, 1], no transforms.Normalize)
 into what the network was trained on, 0-255 pixel values minus the per-pixel mean of the training
 images stored with the weights. It works for the nets in PUBLISHED, trained in bf16 on the
 paper's full schedule (their test errors: results/table6.md); for the others it raises a
-ValueError that names them.
+ValueError that names them. Each load checks the weights against the digest stored with them
+(run.py's sha256 of every tensor): a damaged model.pt is refused, naming the file, instead of
+giving wrong logits. The wrapper refuses input it cannot mean (raw bytes, 0-255 floats,
+normalized images, another shape or layout) with a ValueError naming what it expects.
 
 pretrained=False returns the bare `resnet.ResNet`, freshly initialised and with no
 preprocessing: without training images there is no per-pixel mean. Train it on what you will
@@ -43,7 +46,10 @@ class ToTensorInput(nn.Module):
 
     forward computes net(x * 255 - per_pixel_mean). For ToTensor's output, byte / 255, this is
     exactly byte - mean in float32 (byte / 255 * 255 rounds back to byte for all 256 values), so
-    the logits are those of the net on the project's own preprocessing, bit for bit.
+    the logits are those of the net on the project's own preprocessing, bit for bit. Other input
+    would give confident nonsense (uint8 wraps around at x * 255, 0-255 floats put every image in
+    one class, one channel or 64x64 images broadcast or fail deep inside), so it is refused with
+    a ValueError: a floating point tensor of shape (B, 3, 32, 32), every value in [0, 1].
     """
 
     def __init__(self, net, per_pixel_mean):
@@ -55,7 +61,28 @@ class ToTensorInput(nn.Module):
         self.register_buffer("per_pixel_mean", per_pixel_mean.detach().float().clone())
 
     def forward(self, x):  # (B, 3, 32, 32) float in [0, 1] -> (B, num_classes) logits
+        _check_input(x)
         return self.net(x * 255 - self.per_pixel_mean)
+
+
+_EXPECTED_INPUT = ("expected float images in [0, 1] of shape (B, 3, 32, 32), as "
+                  "transforms.ToTensor() makes them (batched, without transforms.Normalize)")
+
+
+def _check_input(x):
+    """A ValueError, naming what ToTensorInput expects, unless `x` is a floating point tensor
+    of shape (B, 3, 32, 32) with every value in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{_EXPECTED_INPUT}; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{_EXPECTED_INPUT}; got dtype {x.dtype} (divide bytes by 255)")
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+        raise ValueError(f"{_EXPECTED_INPUT}; got shape {tuple(x.shape)}")
+    if x.numel():
+        low, high = torch.aminmax(x)  # NaN compares false: refused too
+        if not (low >= 0 and high <= 1):
+            raise ValueError(f"{_EXPECTED_INPUT}; got values from {low.item():g} to "
+                             f"{high.item():g}")
 
 
 def _model(name, pretrained):
@@ -69,7 +96,13 @@ def _model(name, pretrained):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the published weights of {name} are missing from "
                                 "this checkout")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({reason}); restore the file from "
+                         "the repository") from None
+    _check_digest(path, state)
     config = state["config"]
     if (config["n"], config["plain"], config["shortcut"]) != (n, plain, "A"):
         raise ValueError(f"{path}: holds n={config['n']}, plain={config['plain']}, shortcut "
@@ -77,6 +110,18 @@ def _model(name, pretrained):
     net = resnet.ResNet(n, plain=plain, num_classes=len(state["model"]["fc.bias"]))
     net.load_state_dict(state["model"])
     return ToTensorInput(net, state["per_pixel_mean"]).eval()
+
+
+def _check_digest(path, state):
+    """A ValueError naming `path` unless the checkpoint `state` holds the digest of its
+    contents, as run.py stores it with the weights it writes (run.tensor_digest)."""
+    import run  # its checkpoint format; imported here, where published weights are loaded
+    if not isinstance(state, dict) or "digest" not in state:
+        raise ValueError(f"{path}: no digest stored with the weights, so they cannot be checked; "
+                         "published weights carry one (restore the file from the repository)")
+    if state["digest"] != run.tensor_digest(state):
+        raise ValueError(f"{path}: damaged (its contents do not match the digest stored with "
+                         "them); restore the file from the repository")
 
 
 def resnet20(pretrained=False):

@@ -116,6 +116,79 @@ def test_to_tensor_input_wraps_any_net_with_its_mean():
         torch.hub.load(ROOT, "ToTensorInput", net, torch.zeros(3), source="local")
 
 
+def nonsense_input(kind):
+    """Images that ToTensorInput cannot mean, the way a user gets them wrong."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g)  # what ToTensor() makes, batched
+    return {
+        "uint8": (images * 255).to(torch.uint8),  # the raw bytes: x * 255 wraps around
+        "0-255 floats": images * 255,  # byte values as floats: every image of one class
+        "normalized": (images - 0.5) / 0.25,  # after transforms.Normalize
+        "nan": images.masked_fill(images > 0.99, float("nan")),
+        "1 channel": images[:, :1],  # greyscale: broadcast to 3 channels
+        "NHWC": images.permute(0, 2, 3, 1).contiguous(),  # numpy/PIL layout
+        "64x64": torch.rand(2, 3, 64, 64, generator=g),
+        "unbatched": images[0],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["uint8", "0-255 floats", "normalized", "nan", "1 channel",
+                                  "NHWC", "64x64", "unbatched"])
+def test_input_the_wrapper_cannot_mean_is_a_value_error_naming_the_expected_input(kind):
+    model = hubconf.ToTensorInput(ResNet(1).eval(), torch.full((3, 32, 32), 100.0))
+    with torch.inference_mode(), pytest.raises(ValueError) as e:
+        model(nonsense_input(kind))
+    message = str(e.value)
+    assert "\n" not in message
+    assert "[0, 1]" in message and "(B, 3, 32, 32)" in message
+
+
+def test_the_wrapper_takes_the_edges_of_its_range_and_an_empty_batch():
+    net, mean = ResNet(1).eval(), torch.full((3, 32, 32), 100.0)
+    model = hubconf.ToTensorInput(net, mean)
+    x = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+    with torch.inference_mode():
+        assert torch.equal(model(x), net(x * 255 - mean))
+        assert model(torch.zeros(0, 3, 32, 32)).shape == (0, 10)
+
+
+def damaged_copy(name, tmp_path):
+    """A copy of `name`'s published model.pt with the top exponent bit of one weight flipped,
+    as a bad disk sector or a bad download does it: torch.load does not notice."""
+    path = os.path.join(ROOT, hubconf.PUBLISHED[name])
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    weight = published_weights(name)["model"]["fc.weight"]
+    raw = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) == -1
+    data[at + 3] ^= 0x40  # fc.weight[0, 0], little-endian float32: ~1e38 times larger
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(bytes(data))
+    damaged = torch.load(copy, map_location="cpu", weights_only=True)["model"]["fc.weight"]
+    assert abs(damaged[0, 0]) > 1e30  # loads quietly, with a weight of 1e30 or more
+    return copy
+
+
+def without_digest(name, tmp_path):
+    state = published_weights(name)
+    state.pop("digest", None)
+    copy = tmp_path / "model.pt"
+    torch.save(state, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage", [damaged_copy, without_digest],
+                         ids=["a flipped bit", "no digest"])
+def test_published_weights_that_do_not_match_their_digest_are_refused_naming_the_file(
+        damage, tmp_path, monkeypatch):
+    copy = damage("resnet20", tmp_path)
+    monkeypatch.setitem(hubconf.PUBLISHED, "resnet20", str(copy))  # an absolute path
+    with pytest.raises(ValueError) as e:
+        hubconf.resnet20(pretrained=True)
+    assert str(copy) in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", hubconf.PUBLISHED)
 def test_hub_entry_gives_the_published_test_error_on_torchvision_style_images(real_cifar, name):
     model = hub_load(name, pretrained=True)
