@@ -98,7 +98,7 @@ def build_parser():
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
     p.add_argument("--data-dir", default=default_data_dir("cifar10"),
                    help="binary CIFAR-10 (default: $CIFAR10_DIR, else %(default)s); "
-                        "random images if the folder does not exist")
+                        "random images if nothing exists at that path")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads of both pipelines (default: all cores)")
@@ -469,6 +469,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.bn_batch and BATCH % args.bn_batch:
         parser.error(f"--bn-batch {args.bn_batch} must divide the batch of {BATCH}")
+    if os.path.lexists(args.data_dir) and not os.path.isdir(args.data_dir):
+        # random images stand in only for data that is not there, not for a wrong path
+        what = "a broken link" if not os.path.exists(args.data_dir) else "not a folder"
+        parser.error(f"--data-dir {args.data_dir}: {what}, expected the folder of CIFAR-10's "
+                     "binary batches (or a path where nothing is, for random images)")
     world = run.World()  # one process, also under torchrun
     run.check_device(parser, args.device, world)
     try:

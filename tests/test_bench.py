@@ -58,6 +58,25 @@ def test_a_device_this_machine_lacks_is_a_usage_error(device, complaint, capsys)
     assert complaint in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["file", "broken link"])
+def test_a_data_dir_that_exists_but_is_no_folder_is_a_usage_error_not_synthetic_images(
+        kind, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "cifar.tar.gz"
+    if kind == "file":
+        path.write_bytes(b"not a folder")
+    else:
+        path.symlink_to(tmp_path / "moved-away")
+
+    def benchmark(*args):
+        raise AssertionError("benchmarked on synthetic images")
+    monkeypatch.setattr(bench, "benchmark", benchmark)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--data-dir", str(path), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in error and "--data-dir" in error and str(path) in error
+
+
 @pytest.fixture
 def restore_threads():
     threads = torch.get_num_threads()
