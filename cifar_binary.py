@@ -11,6 +11,7 @@ Also here: the official archives' download, the per-pixel mean, and the paper's 
 ("4 pixels are padded on each side, and a 32x32 crop is randomly sampled from the padded image
 or its horizontal flip") as batched tensor code on any device.
 """
+import contextlib
 import fcntl
 import http.client
 import os
@@ -229,7 +230,8 @@ def download(root, dataset="cifar10", url=None, md5=None):
     """Fetch the official archive (or `url`, checked against `md5`) into `root`'s parent
     folder, check its md5, and extract the data files and class name lists into `root`, which
     appears only once complete. Concurrent calls (torchrun's processes, two runs) take turns:
-    one downloads, the others find the data there."""
+    one downloads, the others find the data there. One that fails leaves nothing behind that it
+    made (the lock file, the folders it created), but a verified archive."""
     ds = get_dataset(dataset)
     url, md5 = ds.url if url is None else url, ds.md5 if md5 is None else md5
     root = os.path.abspath(root)
@@ -237,11 +239,56 @@ def download(root, dataset="cifar10", url=None, md5=None):
         return  # already there; load_split still validates every byte
     parent = os.path.dirname(root)
     _must_hold_only_official_files(root, ds)  # before fetching 170 MB
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.join(parent, f".{os.path.basename(root)}.download-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _download_lock(parent, os.path.basename(root)):
         if not _present(root, ds):  # another process may have finished it while we waited
             _download_and_extract(root, url, md5, ds)
+
+
+@contextlib.contextmanager
+def _download_lock(parent, name):
+    """Hold <parent>/.<name>.download-lock (flock) for a download into <parent>/<name>. If the
+    download fails, the lock file is removed (while held) when this call created it, and so are
+    the folders it created for it, if empty. A process that waited on a lock file so removed
+    finds, once it holds it, that the path no longer names that file: it takes the lock again on
+    the file now there (a new one, or the one a third process made), so only one process at a
+    time ever holds the lock of the file at the path."""
+    path = os.path.join(parent, f".{name}.download-lock")
+    while True:
+        made, folder = [], parent  # the folders that makedirs creates, deepest first
+        while not os.path.exists(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            fd, created = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_WRONLY), False
+            except FileNotFoundError:  # removed meanwhile by a download that failed
+                continue
+        except FileNotFoundError:  # its folder too
+            continue
+        with os.fdopen(fd, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or not os.path.samestat(os.fstat(lock.fileno()), now):
+                continue  # removed while we waited: lock the file at the path now
+            try:
+                yield
+            except BaseException:
+                if created:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+                    for folder in made:  # those left empty: nothing of ours
+                        try:
+                            os.rmdir(folder)
+                        except OSError:
+                            break
+                raise
+            return
 
 
 def _must_hold_only_official_files(root, ds):

@@ -12,6 +12,7 @@ import shutil
 import socket
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -215,6 +216,73 @@ def test_unreachable_server_raises_data_error(root):
     with pytest.raises(DataError, match="download failed"):
         download(root, url=f"http://127.0.0.1:{port}/{ARCHIVE}", md5="0" * 32)
     assert_nothing_extracted(root)
+
+
+def unreachable_url():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/{ARCHIVE}"
+
+
+@pytest.mark.parametrize("parent", ["absent", "with a file of the user's"])
+def test_a_failed_download_leaves_nothing_of_ours_behind(tmp_path, root, parent):
+    if parent != "absent":
+        os.makedirs(os.path.dirname(root))
+        (tmp_path / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="download failed"):
+        download(root, url=unreachable_url(), md5="0" * 32)  # offline
+    if parent == "absent":  # neither the lock file nor the folders made for it
+        assert os.listdir(tmp_path) == []
+    else:
+        assert os.listdir(tmp_path / "data") == ["notes.txt"]
+
+
+def test_downloads_that_waited_on_a_failed_one_still_take_turns(tmp_path, root, monkeypatch):
+    """The failed download removes its lock file while a second waits on it and a third comes
+    after: the second must not hold the removed file's lock while the third holds the new
+    file's."""
+    first_inside, first_may_fail, lock = threading.Event(), threading.Event(), threading.Lock()
+    inside, overlaps, errors = [], [], []
+
+    def download_and_extract(root, url, md5, ds):
+        with lock:
+            overlaps.extend(inside)
+            inside.append(url)
+        try:
+            if url == "first":
+                first_inside.set()
+                first_may_fail.wait(10)
+                raise DataError("first: download failed (offline)")
+            time.sleep(0.5)  # long enough for the third to come in
+            os.makedirs(root, exist_ok=True)
+            for name in BATCHES:  # sparse files of the official size: the data is there
+                with open(os.path.join(root, name), "wb") as f:
+                    f.truncate(cifar_binary.RECORDS_PER_FILE * cifar_binary.RECORD_BYTES)
+        finally:
+            with lock:
+                inside.remove(url)
+
+    monkeypatch.setattr(cifar_binary, "_download_and_extract", download_and_extract)
+
+    def fetch(url):
+        try:
+            download(root, url=url, md5="0" * 32)
+        except DataError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=fetch, args=(url,)) for url in ("first", "second", "third")]
+    threads[0].start()
+    assert first_inside.wait(10)
+    threads[1].start()
+    time.sleep(0.3)  # the second waits on the first's lock file
+    first_may_fail.set()
+    time.sleep(0.1)  # the first has failed and removed its lock file
+    threads[2].start()
+    for thread in threads:
+        thread.join(20)
+    assert errors == ["first: download failed (offline)"]
+    assert overlaps == []
+    assert sorted(os.listdir(root)) == sorted(BATCHES)
 
 
 def hostile_members(tmp_path):
