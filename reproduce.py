@@ -133,7 +133,7 @@ def check_run_arguments(extra):
         if arg == "-h" or (len(flag) > 2 and "--help".startswith(flag)):
             usage_error(f"{arg} after --: this would be run.py's help; see python run.py --help "
                         "for the flags to pass after --")
-    parser = run.build_parser()
+    parser = cli.build_parser()
     parser.error = lambda message: usage_error(f"after --: run.py {message}")
     parser.set_defaults(**dict.fromkeys(ENTRY_FLAGS))  # None: not given
     given, rest = parser.parse_known_args(["1", "train", *extra])  # abbreviations too
@@ -337,11 +337,6 @@ def last_line(path):
     return lines[-1] if lines else ""
 
 
-def duration(seconds):
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
-
-
 def state_detail(planned):
     """What the overview says of a run after its name and state."""
     if planned.state == "done":
@@ -359,7 +354,7 @@ def state_detail(planned):
         line = f"{iteration:,}/{planned.iters:,} iters"
         if speed:
             left = (planned.iters - iteration) * planned.batch_size / speed
-            line += f"  {speed:,.0f} img/s  {duration(left)} left"
+            line += f"  {speed:,.0f} img/s  {run.duration(left)} left"
         return line + (f"  (GPU {planned.env['CUDA_VISIBLE_DEVICES']})" if planned.env else "")
     return ""
 
