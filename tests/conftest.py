@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -66,3 +68,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Fail, instead of hanging the suite, if the block takes over `seconds` (an open() of a
+    FIFO waits for a writer forever)."""
+    def hung(signum, frame):  # not TimeoutError: an OSError, which a reader may catch
+        raise RuntimeError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+

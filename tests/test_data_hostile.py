@@ -3,11 +3,9 @@ odd paths, and paths that are not regular files (FIFOs, devices, folders).
 
 Every outcome is either correctly decoded data or a one-line `DataError` naming the file;
 never another exception, never a silently short data set."""
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +17,7 @@ from hypothesis import strategies as st
 
 import cifar_binary
 from cifar_binary import CIFAR10, CIFAR100, RECORD_BYTES, DataError, load_split, read_records
+from conftest import no_hang
 from synthetic import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,21 +254,6 @@ def test_load_split_rejects_a_batch_truncated_by_one_byte(synthetic_cifar, tmp_p
 
 
 # --- paths that are not regular files of the expected size: refused before a byte is read ----
-
-@contextlib.contextmanager
-def no_hang(seconds=20):
-    """Fail, instead of hanging the suite, if the block takes over `seconds`."""
-    def hung(signum, frame):  # not TimeoutError: an OSError, which a reader may catch
-        raise RuntimeError(f"still reading after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
 
 def test_fifo_in_place_of_a_batch_file_is_refused_without_hanging(tmp_path):
     fifo = str(tmp_path / "data_batch_1.bin")

@@ -1,11 +1,9 @@
 """plot_curves.py: Figure 6, Figure 7 and Table 6 from small synthetic run folders."""
-import contextlib
 import glob
 import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -17,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import plot_curves
 import plumbing
-from conftest import ROOT
+from conftest import ROOT, no_hang
 
 PARAMS = {3: 269_722, 5: 464_154, 7: 658_586, 9: 853_018, 18: 1_727_962, 200: 19_421_274}
 PROJECTIONS = 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64  # option B's two 1x1 conv + BN
@@ -443,20 +441,6 @@ def test_figure7_has_a_column_per_schedule_on_log_axes(tmp_path):
 
 # ---------------------------------------------------------------- hostile run folders
 
-@contextlib.contextmanager
-def fails_after(seconds):
-    """Fails the test instead of letting it hang, e.g. in an open() of a FIFO."""
-    def expire(signum, frame):
-        pytest.fail(f"still running after {seconds} s", pytrace=False)
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def edit_json(path, **changes):
     with open(path) as f:
         data = json.load(f)
@@ -492,7 +476,7 @@ def test_a_fifo_in_a_run_folder_is_named_and_skipped_instead_of_blocking(tmp_pat
     if os.path.exists(path):
         os.remove(path)
     os.mkfifo(path)
-    with fails_after(10):
+    with no_hang(10):
         assert plot_curves.main(["--logdir", str(tmp_path), "--out", str(tmp_path / "out"),
                                  "--markdown-only"]) == 0
     captured = capsys.readouterr()
