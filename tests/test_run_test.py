@@ -115,7 +115,8 @@ def test_test_of_finished_weights_says_they_are_final(logdir, synthetic_cifar, c
     with few_test_images():
         assert run.main(["1", "test", "--checkpoint", str(folder), "--data-dir",
                          synthetic_cifar]) == 0
-    assert "note:" not in capsys.readouterr().out
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert all(line.startswith("note: N=1 builds a net of depth 8") for line in notes), notes
     with open(folder / "test.json") as f:
         report = json.load(f)
     assert (report["iteration"], report["iters"], report["final_weights"],
@@ -146,6 +147,7 @@ def test_test_refuses_another_runs_checkpoint_in_a_run_folder(logdir, synthetic_
                                                              capsys):
     folder = tmp_path / "resnet8-iters12"  # seed 0's folder, holding a seed-1 checkpoint
     shutil.copytree(logdir / "resnet8-iters12", folder)
+    (folder / "test.json").unlink(missing_ok=True)  # an earlier test may have tested this run
     state = run.load_checkpoint(str(folder / "checkpoint.pt"), run.CHECKPOINT_KEYS)
     state["config"]["seed"] = 1
     run.save_checkpoint(str(folder / "checkpoint.pt"), state)
