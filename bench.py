@@ -54,6 +54,7 @@ import cifar_binary
 import cli
 import run
 from experiment import EVAL_BATCH, default_data_dir
+from plumbing import cpu_model
 from resnet import ResNet
 
 BATCH = 128  # the paper's, and both pipelines'
@@ -376,21 +377,6 @@ def benchmark(args, data, device):
 
 # ---------------------------------------------------------------- report
 
-def cpu_description():
-    """Model name and the vector units that matter for fp32/bf16, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {key.strip(): value.strip()
-                    for key, value in (line.split(":", 1) for line in f if ":" in line)}
-    except OSError:
-        return platform.processor() or platform.machine()
-    flags = set(info.get("flags", "").split())
-    units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                     ("amx_bf16", "AMX-BF16")) if flag in flags]
-    name = info.get("model name", platform.machine())
-    return f"{name} ({', '.join(units)})" if units else name
-
-
 def header(args, argv, data, device):
     gpu = (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
            f"cuDNN {torch.backends.cudnn.version()})" if device.type == "cuda" else "")
@@ -399,7 +385,7 @@ def header(args, argv, data, device):
     return "\n".join([
         "**bench.py: training and evaluation speed, He et al. 2015 Sec. 4.2 ResNets on CIFAR-10**",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %z')}",
-        f"- machine: {cpu_description()}, {os.cpu_count()} cores, {platform.platform()}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"device {device}{gpu}, CPU threads: {torch.get_num_threads()} for both pipelines, "
         f"git {run.git_commit()}",

@@ -1,12 +1,14 @@
 """The file and machine plumbing under run.py: where a process stands among torchrun's, atomic
-writes, which files are safe to open, the run folder's lock, the git commit a run was made with,
-and an upper bound on the memory a run needs, against what the machine has. Torch-free."""
+writes, which files are safe to open, the run folder's lock, the git commit and processor a run
+was made with, and an upper bound on the memory a run needs, against what the machine has.
+Torch-free."""
 import contextlib
 import ctypes
 import dataclasses
 import fcntl
 import json
 import os
+import platform
 import stat
 import subprocess
 import time
@@ -93,6 +95,27 @@ def why_unreadable(path, max_bytes):
     if info.st_size > max_bytes:
         return f"{path}: {info.st_size:,} bytes, more than the {max_bytes:,} allowed"
     return None
+
+
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name and the vector units that matter for float32/bf16, from Linux's
+    /proc/cpuinfo; elsewhere what platform knows."""
+    try:
+        with open(cpuinfo, errors="replace") as f:
+            info = {key.strip(): value.strip()
+                    for key, value in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    units = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_bf16", "AMX-BF16")) if flag in flags]
+    name = " ".join(info.get("model name", "").split()) or platform.machine()
+    return f"{name} ({', '.join(units)})" if units else name
+
+
+def usable_cores():
+    """The cores this process may run on (its affinity), else all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def git_commit():

@@ -34,6 +34,7 @@ import cli
 import plot_curves
 import run
 from experiment import MATRIX, SPEED
+from plumbing import usable_cores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_PY = os.path.join(HERE, "run.py")
@@ -220,7 +221,7 @@ def placement(jobs, runs_count, extra):
         gpus = listed.split(",") if listed else range(torch.cuda.device_count())
         return None, [str(g).strip() for g in gpus][:torch.cuda.device_count()]
     jobs = min(jobs, runs_count)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return (max(1, (cores or 1) // jobs) if jobs > 1 else None), []
 
 

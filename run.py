@@ -38,9 +38,9 @@ from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, T
                         TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, default_data_dir, depth_of,
                         with_added_defaults, without_added_defaults)
 from plumbing import (CHECKPOINT_MAX_BYTES, JSON_MAX_BYTES, RunError, World, atomic_write,
-                      available_memory, git_commit, keep_freed_memory, lock_holder,
-                      locked_by_another, run_folder, training_memory_bound, why_unreadable,
-                      write_json)
+                      available_memory, cpu_model, git_commit, keep_freed_memory, lock_holder,
+                      locked_by_another, run_folder, training_memory_bound, usable_cores,
+                      why_unreadable, write_json)
 from resnet import LayerResponses, ResNet, count_parameters
 
 # The checkpoint's layout, in one place: each key and its type. model.pt keeps MODEL_KEYS;
@@ -523,7 +523,10 @@ def write_run_info(args, run, resumed):
             "eval_every": args.eval_every,
             "ckpt_every": args.ckpt_every, "log_every": args.log_every,
             "compile": args.compile, "sync_bn": args.sync_bn}
-    machine = {"device": str(run.device), "processes": run.world.size,
+    processor = (torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
+                 else cpu_model())
+    machine = {"device": str(run.device), "processor": processor, "cores": usable_cores(),
+               "processes": run.world.size,
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "iteration": run.iteration, "tf32": args.tf32, "deterministic": args.deterministic}
@@ -1167,7 +1170,7 @@ def main(argv=None):
 def notes(args):
     """One line each about a command that works but may not do what was meant."""
     depth = cli.depth_note(args.n)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     threads = None
     if args.threads and cores and args.threads > cores:
         threads = (f"note: --threads {args.threads} is more than the {cores} cores this process "

@@ -160,6 +160,17 @@ def test_batch_order_is_a_function_of_seed_and_iteration():
     assert not torch.equal(a(7), c(7))
 
 
+def test_the_processor_is_named_with_its_vector_units(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    core = ("processor\t: {}\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 9B45\n"
+            "flags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n")
+    cpuinfo.write_text(core.format(0) + core.format(1))
+    assert plumbing.cpu_model(str(cpuinfo)) == "AMD EPYC 9B45 (AVX-512, AVX512-BF16)"
+    cpuinfo.write_text(core.format(0).replace(" avx512f avx512_bf16", " amx_bf16"))
+    assert plumbing.cpu_model(str(cpuinfo)) == "AMD EPYC 9B45 (AMX-BF16)"
+    assert plumbing.cpu_model(str(tmp_path / "absent")) != ""
+
+
 # ---------------------------------------------------------------- train and test runs
 
 @pytest.fixture(scope="module")
@@ -178,6 +189,8 @@ def test_a_run_folder_holds_config_checkpoint_events_and_result(finished_run):
         config = json.load(f)
     assert config["params"] == 75_290 and config["depth"] == 8 and config["milestones"] == [6, 9]
     assert config["start"]["torch"] == torch.__version__ and config["start"]["threads"] == 2
+    assert config["start"]["processor"] == plumbing.cpu_model() != ""
+    assert config["start"]["cores"] == plumbing.usable_cores() >= 1
     with open(os.path.join(finished_run, "result.json")) as f:
         result = json.load(f)
     assert result["iterations"] == 12 and 0 <= result["test_error"] <= 100
