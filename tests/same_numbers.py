@@ -66,7 +66,8 @@ def same(a, b, where):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
         for k in a:
-            if k in ("train_seconds", "images_per_second", "time", "git_commit", "checkpoint"):
+            if k in ("train_seconds", "images_per_second", "window_seconds", "time", "git_commit",
+                     "checkpoint"):
                 continue
             assert k in b, f"{where}.{k} missing"
             same(a[k], b[k], f"{where}.{k}")
