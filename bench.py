@@ -53,7 +53,7 @@ from torchvision import transforms
 import cifar_binary
 import cli
 import run
-from experiment import EVAL_BATCH, default_data_dir
+from experiment import DATA_FOLDERS, EVAL_BATCH, default_data_dir
 from plumbing import cpu_model
 from resnet import ResNet
 
@@ -98,7 +98,8 @@ def build_parser():
                    help="DataLoader processes of the reference (the popular repos use 2-4)")
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
     p.add_argument("--data-dir", default=default_data_dir("cifar10"),
-                   help="binary CIFAR-10 (default: $CIFAR10_DIR, else %(default)s); "
+                   help="binary CIFAR-10 (default: $CIFAR10_DIR, else "
+                        f"{os.path.join('data', DATA_FOLDERS['cifar10'][1])}); "
                         "random images if nothing exists at that path")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
     p.add_argument("--threads", type=cli.positive_int, default=None,
