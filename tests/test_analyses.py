@@ -15,11 +15,14 @@ def cells(line):
 def test_bf16_gradients_measures_each_difference_against_float32(synthetic_cifar, capsys):
     assert bf16_gradients.main(["--data-dir", synthetic_cifar, "--n", "1", "--batches", "2",
                                 "init"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| init"))
-    sizes = [float(cell.split()[0]) for cell in cells(row)[1:4]]
+    rows = {cells(line)[1]: cells(line)[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| init")}
+    medians = {kind: float(row[0]) for kind, row in rows.items()}
     # bf16 and BN over 64 move the gradient, less than another batch does; float32 against
     # itself would give 0
-    assert all(size > 0.001 for size in sizes) and sizes[0] < sizes[2], sizes
+    assert set(medians) == {"bf16", "BN over 64", "another batch"}
+    assert all(m > 0.001 for m in medians.values()) and medians["bf16"] < medians["another batch"]
+    assert float(rows["bf16"][4].rstrip("%")) > 0
 
 
 def test_bf16_gradients_refuses_bad_input_in_one_line(synthetic_cifar, tmp_path, capsys):
