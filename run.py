@@ -1179,4 +1179,12 @@ def notes(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if World.from_environment().size > 1:
+        # Under torchrun, gloo's worker threads may still free a finished collective's tensor
+        # while the interpreter shuts down, which aborts the process (pytorch/pytorch#190489).
+        # Every file is closed and the process group destroyed by now: leave without that.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)
