@@ -56,8 +56,9 @@ def differences(nets, images, labels, mean, batches, seed):
             per_param[name] = per_param.get(name, 0.0) + error / batches
         others = (g16, gradient(nets[64], x[i], y[i], "none"),
                   gradient(nets[128], x[batches + i], y[batches + i], "none"))
+        reference = flat(g32)
         for kind, g in zip(KINDS, others):
-            found[kind].append((flat(g) - flat(g32), flat(g32).norm()))
+            found[kind].append((flat(g) - reference, reference.norm()))
     return found, per_param
 
 
@@ -65,8 +66,9 @@ def summary(pairs, noise_ms):
     """Median and root mean square of the relative differences; persistence (|mean difference|
     / mean |difference|) and what it would be without a bias (sqrt(sum |d|^2) / sum |d|); the
     mean square against the batch noise's (half another batch's: two batches' noises add)."""
-    sizes = [(d.norm() / n).item() for d, n in pairs]
-    norms = [d.norm().item() for d, _ in pairs]
+    lengths = [d.norm() for d, _ in pairs]
+    sizes = [(length / n).item() for length, (_, n) in zip(lengths, pairs)]
+    norms = [length.item() for length in lengths]
     mean_difference = torch.stack([d for d, _ in pairs]).mean(0).norm().item()
     ms = statistics.mean(s * s for s in sizes)
     return (statistics.median(sizes), math.sqrt(ms), mean_difference / statistics.mean(norms),
