@@ -57,8 +57,9 @@ def differences(nets, images, labels, mean, batches, seed):
         others = (g16, gradient(nets[64], x[i], y[i], "none"),
                   gradient(nets[128], x[batches + i], y[batches + i], "none"))
         reference = flat(g32)
+        reference_norm = reference.norm()
         for kind, g in zip(KINDS, others):
-            found[kind].append((flat(g) - reference, reference.norm()))
+            found[kind].append((flat(g) - reference, reference_norm))
     return found, per_param
 
 
