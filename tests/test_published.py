@@ -32,9 +32,19 @@ def published_folder(entry):
     return os.path.dirname(os.path.join(ROOT, hubconf.PUBLISHED[entry]))
 
 
-@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
-def test_published_weights_match_their_sha256(entry):
-    folder = published_folder(entry)
+def folders_with_weights():
+    return sorted(name for name in os.listdir(RUNS)
+                  if os.path.isfile(os.path.join(RUNS, name, "model.pt")))
+
+
+def test_every_torch_hub_entry_has_published_weights():
+    assert {published_folder(entry) for entry in hubconf.PUBLISHED} <= {
+        os.path.join(RUNS, name) for name in folders_with_weights()}
+
+
+@pytest.mark.parametrize("name", folders_with_weights())
+def test_published_weights_match_their_sha256(name):
+    folder = os.path.join(RUNS, name)
     with open(os.path.join(folder, "model.pt.sha256")) as f:
         digest, name = f.read().split()
     assert name == "model.pt"
@@ -42,10 +52,10 @@ def test_published_weights_match_their_sha256(entry):
         assert hashlib.sha256(f.read()).hexdigest() == digest
 
 
-@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
-def test_published_weights_carry_the_digest_of_their_contents(entry):
+@pytest.mark.parametrize("name", folders_with_weights())
+def test_published_weights_carry_the_digest_of_their_contents(name):
     # torch.hub checks it on every load: a damaged byte inside a tensor loads quietly otherwise
-    path = os.path.join(published_folder(entry), "model.pt")
+    path = os.path.join(RUNS, name, "model.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert state.get("digest") == run.tensor_digest(state)
     run.verify_digest(path, run.load_checkpoint(path))
@@ -70,10 +80,11 @@ def test_published_weights_are_the_finished_full_schedule_run_of_their_net(entry
     assert count_parameters(model) == result["params"]
 
 
-@pytest.mark.parametrize("entry", hubconf.PUBLISHED)
-def test_published_weights_evaluate_to_the_published_test_error(entry, real_cifar, tmp_path):
-    folder = published_folder(entry)
-    n, plain = MATRIX[entry]
+@pytest.mark.parametrize("name", folders_with_weights())
+def test_published_weights_evaluate_to_the_published_test_error(name, real_cifar, tmp_path):
+    folder = os.path.join(RUNS, name)
+    config = read_json(folder, "config.json")
+    n, plain = config["n"], config["plain"]
     argv = [str(n), "test", "--checkpoint", os.path.join(folder, "model.pt"),
             "--data-dir", real_cifar, "--out", str(tmp_path / "test.json")]
     assert run.main(argv + (["--plain"] if plain else [])) == 0
