@@ -78,8 +78,9 @@ def build_parser():
     rec.add_argument("--bn-batch", type=positive_int, default=None, metavar="K",
                      help="batch norm statistics over each group of K consecutive images of a "
                           "process's share of the batch, as each of the paper's 2 GPUs "
-                          f"normalised its own {PAPER['bn_batch']} (default: the whole share; "
-                          "with --sync-bn: the global batch)")
+                          f"normalised its own {PAPER['bn_batch']} (default: {PAPER['bn_batch']}, "
+                          "or the whole share where that does not divide it; with --sync-bn: "
+                          "the global batch)")
     rec.add_argument("--amp", choices=("none", "bf16"), default="none",
                      help="bf16 autocast with float32 weights and BN statistics")
     data = p.add_argument_group("data and run folder")
@@ -170,8 +171,12 @@ def parse_args(argv=None, check_device=None):
 
 
 def default_bn_batch(args, world):
-    """Batch norm over each process's whole share of the batch; --sync-bn: over all of it."""
-    return args.batch_size if args.sync_bn else world.batch_share(args.batch_size)
+    """Batch norm over each group of the paper's 64 images, as on its two GPUs; over a process's
+    whole share where 64 does not divide it; --sync-bn: over the whole global batch."""
+    if args.sync_bn:
+        return args.batch_size
+    share = world.batch_share(args.batch_size)
+    return PAPER["bn_batch"] if share % PAPER["bn_batch"] == 0 else share
 
 
 def check_bn_batch(parser, args, world):

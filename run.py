@@ -486,8 +486,8 @@ def resumable_checkpoint(folder, config):
     if changed:
         diff = ", ".join(f"{k}: run has {old}, command has {new}"
                          for k, (old, new) in changed.items())
-        hint = (f"; resume with --bn-batch {changed['bn_batch'][0]} (the process count sets "
-                f"its default)" if "bn_batch" in changed else "")
+        hint = (f"; to resume it, add --bn-batch {changed['bn_batch'][0]} --name "
+                f"{os.path.basename(folder)}" if "bn_batch" in changed else "")
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}){hint}; "
                        "use another --name, or --fresh to start over")
     read_run_info(folder)  # the resume appends to it: refuse now if it cannot

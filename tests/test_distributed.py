@@ -74,11 +74,12 @@ def test_sync_bn_matches_one_process_with_the_same_global_batch(synthetic_cifar,
         assert difference <= 1e-4 * max(1.0, value.double().abs().max().item()), key
 
 
-def test_bn_batch_in_one_process_trains_as_processes_of_that_share(synthetic_cifar, tmp_path):
+def test_one_process_trains_by_default_as_two_processes_of_64_images_do(synthetic_cifar,
+                                                                          tmp_path):
     steps = ["--iters", "3", "--name", "net"]
     code, _, err = finish(torchrun(synthetic_cifar, tmp_path / "two", *steps))
     assert code == 0, err
-    for logdir, bn in (("one", ["--bn-batch", "64"]), ("whole", [])):
+    for logdir, bn in (("one", []), ("whole", ["--bn-batch", "128"])):
         code, _, err = finish(single(synthetic_cifar, tmp_path / logdir, *steps, *bn))
         assert code == 0, err
     two, one, whole = (checkpoint_of(tmp_path / d / "net") for d in ("two", "one", "whole"))
@@ -115,9 +116,8 @@ def test_killed_process_fails_the_job_and_it_resumes_with_another_process_count(
     assert code != 0
     iteration = checkpoint_of(folder)["iteration"]
     assert 0 < iteration < 3000
-    # Two processes normalised over 64 images each: one process does so with --bn-batch 64.
-    resumed = single(synthetic_cifar, tmp_path, "--iters", "3000", "--ckpt-every", "4",
-                     "--bn-batch", "64", "--name", folder.name)
+    # Two processes normalised over 64 images each, as one process does by default.
+    resumed = single(synthetic_cifar, tmp_path, "--iters", "3000", "--ckpt-every", "4")
     time.sleep(0.5)
     deadline = time.time() + 120
     while time.time() < deadline and checkpoint_of(folder)["iteration"] <= iteration:

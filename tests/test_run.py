@@ -118,12 +118,30 @@ def test_shorter_schedule_keeps_the_milestone_fractions():
     (["3", "train", "--dataset", "cifar100"], "resnet20-cifar100"),
     (["3", "train", "--dataset", "cifar100", "--shortcut", "B", "--amp", "bf16"],
      "resnet20-B-cifar100-bf16"),
-    (["9", "train", "--amp", "bf16", "--bn-batch", "64"], "resnet56-bf16-bn64"),
-    (["9", "train", "--bn-batch", "128"], "resnet56"),  # the default: the whole batch
-    (["9", "train", "--sync-bn"], "resnet56"),  # one process: the whole batch all the same
+    (["9", "train", "--amp", "bf16", "--bn-batch", "64"], "resnet56-bf16"),  # the default
+    (["9", "train", "--bn-batch", "128"], "resnet56-bn128"),  # the default before 64
+    (["9", "train", "--batch-size", "96"], "resnet56-bs96"),  # 64 does not divide: BN over 96
+    (["9", "train", "--batch-size", "96", "--bn-batch", "32"], "resnet56-bs96-bn32"),
+    (["9", "train", "--batch-size", "256"], "resnet56-bs256"),  # 4 groups of 64
+    (["9", "train", "--sync-bn"], "resnet56"),  # --sync-bn is over the whole batch: its default
 ])
 def test_run_names_follow_the_configuration(argv, name):
     assert run.parse_args(argv).name == name
+
+
+@pytest.mark.parametrize("processes, batch, bn_batch", [
+    (1, 128, 64),  # the paper's two GPUs of 64 images, in one process
+    (2, 128, 64),  # torchrun's two processes: each one's whole share, the same net
+    (1, 256, 64), (1, 96, 96), (2, 64, 32),  # where 64 does not divide the share: the share
+])
+def test_batch_norm_is_over_the_papers_64_images_by_default(monkeypatch, processes, batch,
+                                                           bn_batch):
+    for key, value in (("RANK", 0), ("WORLD_SIZE", processes), ("LOCAL_RANK", 0),
+                       ("LOCAL_WORLD_SIZE", processes)):
+        monkeypatch.setenv(key, str(value))
+    args = run.parse_args(["9", "train", "--batch-size", str(batch), "--device", "cpu"])
+    assert args.bn_batch == bn_batch
+    assert "bn" not in args.name
 
 
 def test_data_dir_defaults_to_the_data_sets_own_variable_or_folder(monkeypatch):
@@ -303,6 +321,23 @@ def test_bn_batch_is_the_runs_and_a_resume_with_another_is_refused(synthetic_cif
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "bn_batch" in err and "--bn-batch 16" in err
+
+
+@pytest.mark.slow
+def test_a_run_of_the_old_default_is_refused_with_the_flags_that_resume_it(synthetic_cifar,
+                                                                           tmp_path, capsys):
+    # begun when BN was over the whole batch by default, in the folder the command still names
+    assert train(synthetic_cifar, tmp_path, "--iters", "8", "--bn-batch", "128",
+                 "--name", "resnet8-iters8") == 0
+    capsys.readouterr()
+    assert train(synthetic_cifar, tmp_path, "--iters", "8") == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "add --bn-batch 128 --name resnet8-iters8" in err
+    assert train(synthetic_cifar, tmp_path, "--iters", "8", "--bn-batch", "128",
+                 "--name", "resnet8-iters8") == 0
+    assert "finished" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet8-iters8"]
 
 
 @pytest.mark.slow
