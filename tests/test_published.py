@@ -46,9 +46,9 @@ def test_every_torch_hub_entry_has_published_weights():
 def test_published_weights_match_their_sha256(name):
     folder = os.path.join(RUNS, name)
     with open(os.path.join(folder, "model.pt.sha256")) as f:
-        digest, name = f.read().split()
-    assert name == "model.pt"
-    with open(os.path.join(folder, name), "rb") as f:
+        digest, listed = f.read().split()
+    assert listed == "model.pt"
+    with open(os.path.join(folder, listed), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == digest
 
 

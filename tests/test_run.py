@@ -132,7 +132,8 @@ def test_run_names_follow_the_configuration(argv, name):
 @pytest.mark.parametrize("processes, batch, bn_batch", [
     (1, 128, 64),  # the paper's two GPUs of 64 images, in one process
     (2, 128, 64),  # torchrun's two processes: each one's whole share, the same net
-    (1, 256, 64), (1, 96, 96), (2, 64, 32),  # where 64 does not divide the share: the share
+    (1, 256, 64),  # four groups of 64
+    (1, 96, 96), (2, 64, 32),  # where 64 does not divide the share: the share
 ])
 def test_batch_norm_is_over_the_papers_64_images_by_default(monkeypatch, processes, batch,
                                                            bn_batch):
