@@ -236,14 +236,20 @@ def find_runs(logdir):
         config = read_config(folder)
         if config is None:
             continue  # read_config said why
-        run = RunRecord(folder, config,
-                  read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
-                  read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
-                  load_scalars(folder))
+        run = read_run(folder, config)
         if not CURVES & run.scalars.keys():
             warn(f"{folder}: no training curves in its event files; left out of Figure 6")
         runs.append(run)
     return one_per_seed(runs)
+
+
+def read_run(folder, config):
+    """The run in `folder` whose config.json is `config` (read_config's)."""
+    return RunRecord(
+        folder, config,
+        read_json(os.path.join(folder, "result.json"), ("test_error", "iterations")),
+        read_json(os.path.join(folder, "test.json"), ("test_error", "layer_responses")),
+        load_scalars(folder))
 
 
 def read_config(folder):

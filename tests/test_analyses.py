@@ -2,10 +2,15 @@
 import os
 import sys
 
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 import bf16_gradients  # noqa: E402
+import training_fit  # noqa: E402
+from test_plot_curves import make_run  # noqa: E402
 
 
 def cells(line):
@@ -30,3 +35,40 @@ def test_bf16_gradients_refuses_bad_input_in_one_line(synthetic_cifar, tmp_path,
     assert bf16_gradients.main(["--data-dir", synthetic_cifar, "--batches", "1000", "init"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "none.pt" in err and "--batches 1000" in err
+
+
+def fit_run(logdir, name, stop_at=None, seed=0):
+    """A run of 1,000 iterations (lr/10 at 500 and 750) that logged training loss step/1000 and
+    training error step/10 every 100 iterations, to `stop_at`."""
+    folder = make_run(str(logdir), name, iters=1000, stop_at=stop_at, events=False, seed=seed)
+    writer = SummaryWriter(folder)
+    for step in range(100, (stop_at or 1000) + 1, 100):
+        writer.add_scalar("train/loss", step / 1000, step)
+        writer.add_scalar("train/error", step / 10, step)
+    writer.close()
+    return folder
+
+
+def test_training_fit_averages_each_learning_rate_phase(tmp_path, capsys):
+    done, stopped = fit_run(tmp_path, "done"), fit_run(tmp_path, "stopped", stop_at=600, seed=1)
+    assert training_fit.main([done, stopped]) == 0
+    rows = {cells(line)[0]: cells(line) for line in capsys.readouterr().out.splitlines()[2:]}
+    # lr 0.1: windows ending at 100..500; lr 0.01: 600, 700; lr 0.001: 800..1000
+    assert rows["done"][3:] == ["0.300 / 30.00", "0.650 / 65.00", "0.900 / 90.00", "8.00"]
+    assert rows["stopped"][2:6] == ["1", "0.300 / 30.00", "0.600 / 60.00 (to 600)", "-"]
+    assert training_fit.main(["--until", "600", done]) == 0
+    assert cells(capsys.readouterr().out.splitlines()[2])[3:6] == [
+        "0.300 / 30.00", "0.600 / 60.00", "-"]
+
+
+def test_training_fit_refuses_bad_input_in_one_line(tmp_path, capsys):
+    done = fit_run(tmp_path, "done")
+    other = make_run(str(tmp_path), "other", iters=2000)
+    assert training_fit.main([done, str(tmp_path / "none")]) == 1
+    assert training_fit.main([done, other]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "none: expected a run folder" in err
+    assert "other: another schedule" in err
+    with pytest.raises(SystemExit) as stop:
+        training_fit.main(["--until", "0", done])
+    assert stop.value.code == 2 and "--until" in capsys.readouterr().err

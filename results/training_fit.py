@@ -1,0 +1,105 @@
+"""How well each run fitted its training data, phase by phase: the mean of the logged training
+loss and training error (each a mean over a window of --log-every iterations) in each learning-
+rate phase of its schedule, with its test error at the end. Runs of one recipe that end apart
+in test error can be told apart here from the first phase on, long before they end. Prints a
+markdown table.
+
+    python results/training_fit.py results/runs/resnet56-*
+    python results/training_fit.py --until 8400 results/runs/resnet56-bf16 logs/<another run>
+
+--until N keeps only the windows ending at iteration N or before, so that an unfinished run can
+be compared with finished ones over the same iterations. A phase a run has not logged to its
+end (or to N) is marked with the iteration its windows reach.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plot_curves  # noqa: E402
+
+
+def phases(config):
+    """[(first lr, last iteration)] of each learning-rate phase of the run's schedule."""
+    ends = list(config["milestones"]) + [config["iters"]]
+    return [(config["lr"] / 10 ** k, end) for k, end in enumerate(ends)]
+
+
+def phase_means(scalars, tag, start, end, until):
+    """Mean of `tag` over the windows ending in (start, min(end, until)], and the last of them."""
+    steps, values = scalars.get(tag, ([], []))
+    kept = [(s, v) for s, v in zip(steps, values) if start < s <= min(end, until)]
+    if not kept:
+        return None, None
+    return statistics.mean(v for _, v in kept), kept[-1][0]
+
+
+def final_test_error(run):
+    """The test error at the end of training, or the last evaluation's for an unfinished run."""
+    if run.finished:
+        return f"{run.result['test_error']:.2f}"
+    error, step = run.test_error()
+    return "-" if error is None else f"{error:.2f} (iter {step:,}, unfinished)"
+
+
+def row(run, until):
+    config, cells, start = run.config, [], 0
+    for _, end in phases(config):
+        loss, last = phase_means(run.scalars, "train/loss", start, end, until)
+        error, _ = phase_means(run.scalars, "train/error", start, end, until)
+        if loss is None or error is None:
+            cells.append("-")
+        else:
+            every = config["log_every"]
+            reached = "" if last >= min(end, until) // every * every else f" (to {last:,})"
+            cells.append(f"{loss:.3f} / {error:.2f}{reached}")
+        start = end
+    name = os.path.basename(os.path.normpath(run.folder))
+    return [name, plot_curves.label(config, with_bn=True), config["seed"], *cells,
+            final_test_error(run)]
+
+
+def table(runs, until):
+    lrs = [lr for lr, _ in phases(runs[0].config)]
+    header = ["run", "method", "seed", *[f"lr {lr:g}: loss / error (%)" for lr in lrs],
+              "test error (%)"]
+    rows = [row(run, until) for run in runs]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |"
+                     for r in [header, ["---"] * len(header)] + rows)
+
+
+def load(folder):
+    """The folder as plot_curves reads a run folder, or None (said why)."""
+    config = plot_curves.read_config(folder) if os.path.isdir(folder) else None
+    if config is None:
+        print(f"error: {folder}: expected a run folder (with its config.json)", file=sys.stderr)
+        return None
+    return plot_curves.read_run(folder, config)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", metavar="FOLDER", help="run folders")
+    p.add_argument("--until", type=int, default=None, metavar="N",
+                   help="only the windows ending at iteration N or before (default: all)")
+    args = p.parse_args(argv)
+    if args.until is not None and args.until < 1:
+        p.error(f"--until: expected a positive iteration, got {args.until}")
+    runs = [load(folder) for folder in args.folders]
+    if None in runs:
+        return 1
+    for run in runs[1:]:
+        if phases(run.config) != phases(runs[0].config):
+            print(f"error: {run.folder}: another schedule than {runs[0].folder}'s "
+                  f"({plot_curves.schedule(run.config)}, lr {run.config['lr']:g}, against "
+                  f"{plot_curves.schedule(runs[0].config)}, lr {runs[0].config['lr']:g}); "
+                  "expected runs of one schedule", file=sys.stderr)
+            return 1
+    until = args.until or max(r.config["iters"] for r in runs)
+    print(table(runs, until))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
