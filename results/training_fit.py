@@ -37,10 +37,10 @@ def phase_means(scalars, tag, start, end, until):
 
 def final_test_error(run):
     """The test error at the end of training, or the last evaluation's for an unfinished run."""
-    if run.finished:
-        return f"{run.result['test_error']:.2f}"
     error, step = run.test_error()
-    return "-" if error is None else f"{error:.2f} (iter {step:,}, unfinished)"
+    if error is None:
+        return "-"
+    return f"{error:.2f}" if run.finished else f"{error:.2f} (iter {step:,}, unfinished)"
 
 
 def row(run, until):
