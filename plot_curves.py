@@ -271,18 +271,28 @@ def read_config(folder):
 
 
 def one_per_seed(runs):
-    """`runs` with one run per configuration and seed: two folders of both are copies of one run
-    (a backup), counted once; the one trained furthest is kept, the first by name of those."""
+    """`runs` with one run per configuration, seed and first processor: two folders of all three
+    are copies of one run (a backup), counted once; the one trained furthest is kept, the first by
+    name of those. The same seed begun on another processor is a run of its own: other kernels
+    round otherwise, and its training parts from the first run's within a hundred iterations."""
     kept = {}
     for run in sorted(runs, key=lambda r: (not r.finished, -r.iterations, r.folder)):
-        key = configuration(run.config) + (run.config["seed"],)
+        key = configuration(run.config) + (run.config["seed"], first_processor(run.config))
         if key in kept:
-            warn(f"{run.folder}: the same configuration and seed ({run.config['seed']}) as "
-                 f"{kept[key].folder}: copies of one run, counted once, as {kept[key].folder}")
+            warn(f"{run.folder}: the same configuration, seed ({run.config['seed']}) and first "
+                 f"processor as {kept[key].folder}: copies of one run, counted once, as "
+                 f"{kept[key].folder}")
         else:
             kept[key] = run
     kept_runs = {id(run) for run in kept.values()}
     return [run for run in runs if id(run) in kept_runs]
+
+
+def first_processor(config):
+    """The processor the run began on, as config.json names it (None before runs named it)."""
+    start = config.get("start")
+    processor = start.get("processor") if isinstance(start, dict) else None
+    return processor if isinstance(processor, str) else None
 
 
 # ---------------------------------------------------------------- configurations

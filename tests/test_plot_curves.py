@@ -507,6 +507,20 @@ def test_a_copied_run_folder_is_one_run_counted_once_with_a_warning(tmp_path, ca
     assert folder in warning and str(tmp_path / "resnet20-backup") in warning
 
 
+def test_the_same_seed_begun_on_another_processor_is_a_run_of_its_own(tmp_path, capsys):
+    make_run(tmp_path, "resnet20", final=8.0)  # older: its config.json names no processor
+    for name, final, processor in [("resnet20-amd", 9.0, "AMD EPYC (AVX-512, AVX512-BF16)"),
+                                   ("resnet20-amd-backup", 9.0, "AMD EPYC (AVX-512, AVX512-BF16)"),
+                                   ("resnet20-xeon", 10.0, "Intel Xeon (AVX-512, AMX)")]:
+        edit_json(os.path.join(make_run(tmp_path, name, final=final), "config.json"),
+                  start={"processor": processor, "iteration": 0})
+    runs = plot_curves.find_runs(str(tmp_path))
+    assert row(plot_curves.table6(runs), "ResNet", 20)[3:7] == [
+        "8.00 (9.00±1.00)", "8.75", "-0.75", "3"]
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert "resnet20-amd-backup" in warning and "counted once" in warning
+
+
 def test_of_two_copies_of_a_run_the_finished_one_is_kept(tmp_path, capsys):
     make_run(tmp_path, "resnet20", final=8.0, stop_at=32_000)
     make_run(tmp_path, "resnet20-backup", final=7.0)
