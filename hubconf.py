@@ -9,7 +9,10 @@ images as torchvision gives them (RGB, float in [0, 1], no transforms.Normalize)
 into what the network was trained on, 0-255 pixel values minus the per-pixel mean of the training
 images stored with the weights. It works for the nets in PUBLISHED, trained in bf16 on the
 paper's full schedule (their test errors: results/table6.md); for the others it raises a
-ValueError that names them. Each load checks the weights against the digest stored with them
+ValueError that names them. run="<folder>" loads instead the weights of another published run of
+that net, a folder of results/runs (resnet56: "resnet56-bf16" for BN over 128 images, seed 0;
+"resnet56-bf16-seed1"); a folder that holds none of that net's is a ValueError naming those that
+do. Each load checks the weights against the digest stored with them
 (run.py's sha256 of every tensor): a damaged model.pt is refused, naming the file, instead of
 giving wrong logits. The wrapper refuses input it cannot mean (raw bytes, 0-255 floats,
 normalized images, another shape or layout) with a ValueError naming what it expects.
@@ -29,11 +32,13 @@ from experiment import MATRIX  # entry -> (n, plain): option A shortcuts unless 
 
 dependencies = ["torch"]
 
-# Published weights: entry -> model.pt of a finished run, relative to this file's folder.
-# Publishing another net is one line here.
+# Published weights: entry -> model.pt of a finished run, relative to this file's folder; of
+# several runs of one net, one of the default recipe (run.py's). Publishing another net is one
+# line here; every run folder of RUNS with a model.pt is reachable through run=.
+RUNS = "results/runs"
 PUBLISHED = {
     "resnet20": "results/runs/resnet20-bf16/model.pt",
-    "resnet56": "results/runs/resnet56-bf16/model.pt",
+    "resnet56": "results/runs/resnet56-bf16-bn64/model.pt",
     "plain20": "results/runs/plain20-bf16/model.pt",
     "plain56": "results/runs/plain56-bf16/model.pt",
 }
@@ -85,14 +90,34 @@ def _check_input(x):
                              f"{high.item():g}")
 
 
-def _model(name, pretrained):
-    n, plain = MATRIX[name]
-    if not pretrained:
-        return resnet.ResNet(n, plain=plain)
-    if name not in PUBLISHED:
+def _published_runs(name):
+    """The folders of RUNS that hold weights (model.pt) of the net `name`, named as run.py names
+    its runs: `name`, or `name` and its settings (resnet56-bf16-bn64)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), RUNS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(d for d in names if (d == name or d.startswith(name + "-"))
+                  and os.path.isfile(os.path.join(folder, d, "model.pt")))
+
+
+def _weights_path(name, run):
+    if run is None and name not in PUBLISHED:
         raise ValueError(f"{name}: no published weights; pretrained=True exists for "
                          f"{', '.join(PUBLISHED)} (pretrained=False gives the untrained net)")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), PUBLISHED[name])
+    if run is not None and run not in _published_runs(name):
+        runs = ", ".join(_published_runs(name)) or "none"
+        raise ValueError(f"run={run!r}: not a published run of {name}; expected a folder of "
+                         f"{RUNS} with its weights: {runs}")
+    relative = PUBLISHED[name] if run is None else os.path.join(RUNS, run, "model.pt")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), relative)
+
+
+def _model(name, pretrained, run=None):
+    n, plain = MATRIX[name]
+    if run is not None and not pretrained:
+        raise ValueError(f"run={run!r} chooses published weights: give pretrained=True with it")
+    if not pretrained:
+        return resnet.ResNet(n, plain=plain)
+    path = _weights_path(name, run)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the published weights of {name} are missing from "
                                 "this checkout")
@@ -124,51 +149,51 @@ def _check_digest(path, state):
                          "them); restore the file from the repository")
 
 
-def resnet20(pretrained=False):
+def resnet20(pretrained=False, run=None):
     """ResNet-20 (269,722 parameters); see this module's docstring."""
-    return _model("resnet20", pretrained)
+    return _model("resnet20", pretrained, run)
 
 
-def resnet32(pretrained=False):
+def resnet32(pretrained=False, run=None):
     """ResNet-32 (464,154 parameters); see this module's docstring."""
-    return _model("resnet32", pretrained)
+    return _model("resnet32", pretrained, run)
 
 
-def resnet44(pretrained=False):
+def resnet44(pretrained=False, run=None):
     """ResNet-44 (658,586 parameters); see this module's docstring."""
-    return _model("resnet44", pretrained)
+    return _model("resnet44", pretrained, run)
 
 
-def resnet56(pretrained=False):
+def resnet56(pretrained=False, run=None):
     """ResNet-56 (853,018 parameters); see this module's docstring."""
-    return _model("resnet56", pretrained)
+    return _model("resnet56", pretrained, run)
 
 
-def resnet110(pretrained=False):
+def resnet110(pretrained=False, run=None):
     """ResNet-110 (1,727,962 parameters); see this module's docstring."""
-    return _model("resnet110", pretrained)
+    return _model("resnet110", pretrained, run)
 
 
-def resnet1202(pretrained=False):
+def resnet1202(pretrained=False, run=None):
     """ResNet-1202 (19,421,274 parameters); see this module's docstring."""
-    return _model("resnet1202", pretrained)
+    return _model("resnet1202", pretrained, run)
 
 
-def plain20(pretrained=False):
+def plain20(pretrained=False, run=None):
     """Plain-20, no shortcuts (269,722 parameters); see this module's docstring."""
-    return _model("plain20", pretrained)
+    return _model("plain20", pretrained, run)
 
 
-def plain32(pretrained=False):
+def plain32(pretrained=False, run=None):
     """Plain-32, no shortcuts (464,154 parameters); see this module's docstring."""
-    return _model("plain32", pretrained)
+    return _model("plain32", pretrained, run)
 
 
-def plain44(pretrained=False):
+def plain44(pretrained=False, run=None):
     """Plain-44, no shortcuts (658,586 parameters); see this module's docstring."""
-    return _model("plain44", pretrained)
+    return _model("plain44", pretrained, run)
 
 
-def plain56(pretrained=False):
+def plain56(pretrained=False, run=None):
     """Plain-56, no shortcuts (853,018 parameters); see this module's docstring."""
-    return _model("plain56", pretrained)
+    return _model("plain56", pretrained, run)

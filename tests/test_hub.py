@@ -82,6 +82,37 @@ def test_pretrained_entry_holds_the_published_weights_and_mean_in_eval_mode(name
     assert "per_pixel_mean" in dict(model.named_buffers())  # moves with .to(device)
 
 
+def test_run_loads_the_weights_of_another_published_run_of_the_net():
+    assert hubconf.PUBLISHED["resnet56"] == "results/runs/resnet56-bf16-bn64/model.pt"
+    assert hubconf._published_runs("resnet56") == [
+        "resnet56-bf16", "resnet56-bf16-bn64", "resnet56-bf16-seed1"]
+    for run in hubconf._published_runs("resnet56"):
+        model = hub_load("resnet56", pretrained=True, run=run)
+        published = torch.load(os.path.join(ROOT, "results", "runs", run, "model.pt"),
+                               map_location="cpu", weights_only=True)
+        state = model.net.state_dict()
+        assert all(torch.equal(state[k], published["model"][k]) for k in published["model"])
+        assert torch.equal(model.per_pixel_mean, published["per_pixel_mean"])
+        assert not model.training
+
+
+@pytest.mark.parametrize("name, run", [("resnet56", "resnet20-bf16"), ("resnet56", "resnet56"),
+                                       ("resnet56", "../runs/resnet56-bf16"), ("resnet56", 0),
+                                       ("resnet56", "resnet56-bf16-iters6400"),
+                                       ("resnet110", "resnet56-bf16")])
+def test_a_run_that_holds_no_weights_of_the_net_is_an_error_naming_those_that_do(name, run):
+    with pytest.raises(ValueError) as e:
+        hub_load(name, pretrained=True, run=run)
+    runs = ", ".join(hubconf._published_runs(name)) or "none"
+    assert str(e.value) == (f"run={run!r}: not a published run of {name}; expected a folder of "
+                            f"results/runs with its weights: {runs}")
+
+
+def test_run_without_pretrained_is_an_error():
+    with pytest.raises(ValueError, match=r"^run='resnet56-bf16' chooses published weights: "):
+        hub_load("resnet56", run="resnet56-bf16")
+
+
 def test_every_byte_divided_by_255_and_scaled_back_is_that_byte_exactly():
     byte = torch.arange(256, dtype=torch.uint8).view(1, 256, 1)
     as_torchvision_gives_it = transforms.ToTensor()(byte.numpy().transpose(1, 2, 0))
