@@ -274,7 +274,7 @@ def one_per_seed(runs):
     """`runs` with one run per configuration, seed and first processor: two folders of all three
     are copies of one run (a backup), counted once; the one trained furthest is kept, the first by
     name of those. The same seed begun on another processor is a run of its own: other kernels
-    round otherwise, and its training parts from the first run's within a hundred iterations."""
+    round otherwise (ResNet-56's two such runs parted within the first hundred iterations)."""
     kept = {}
     for run in sorted(runs, key=lambda r: (not r.finished, -r.iterations, r.folder)):
         key = configuration(run.config) + (run.config["seed"], first_processor(run.config))
