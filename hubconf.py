@@ -103,10 +103,11 @@ def _weights_path(name, run):
     if run is None and name not in PUBLISHED:
         raise ValueError(f"{name}: no published weights; pretrained=True exists for "
                          f"{', '.join(PUBLISHED)} (pretrained=False gives the untrained net)")
-    if run is not None and run not in _published_runs(name):
-        runs = ", ".join(_published_runs(name)) or "none"
-        raise ValueError(f"run={run!r}: not a published run of {name}; expected a folder of "
-                         f"{RUNS} with its weights: {runs}")
+    if run is not None:
+        runs = _published_runs(name)  # listed once: checked against, and named if refused
+        if run not in runs:
+            raise ValueError(f"run={run!r}: not a published run of {name}; expected a folder "
+                             f"of {RUNS} with its weights: {', '.join(runs) or 'none'}")
     relative = PUBLISHED[name] if run is None else os.path.join(RUNS, run, "model.pt")
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), relative)
 
