@@ -19,6 +19,7 @@ import collections
 import contextlib
 import ctypes
 import io
+import json
 import os
 import shlex
 import shutil
@@ -33,7 +34,7 @@ import torch
 import cli
 import plot_curves
 import run
-from experiment import MATRIX, SPEED
+from experiment import ADDED_KEYS, EXPERIMENT_KEYS, MATRIX, SPEED, with_added_defaults
 from plumbing import usable_cores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +46,10 @@ MAX_SEEDS = 1000  # seeds of each net: 10,000 runs of the matrix; more is a typo
 # run.py's settings that make a run one entry of the matrix (with its N and mode): given after
 # --, they would apply to every entry alike and make entries share a folder.
 ENTRY_FLAGS = {"plain": "--plain", "shortcut": "--shortcut", "seed": "--seed", "name": "--name"}
+# run.py test's own files: given after --, every entry's test would write, or test, one file.
+TEST_FLAGS = {"out": "--out", "checkpoint": "--checkpoint"}
+# run.py's settings of where a run goes: given after --, the jobs are not placed by reproduce.py.
+PLACEMENT_FLAGS = {"device": "--device", "threads": "--threads"}
 
 
 @dataclass
@@ -55,6 +60,7 @@ class PlannedRun:
     iters: int
     batch_size: int
     commands: list  # [train, test]
+    config: dict = None  # the experiment settings of its train command (run.py's EXPERIMENT_KEYS)
     todo: list = field(default_factory=list)  # the commands still to run, in order
     state: str = "waiting"  # waiting, running, done, failed, stopped
     process: subprocess.Popen = None
@@ -134,20 +140,32 @@ def check_run_arguments(extra):
         if arg == "-h" or (len(flag) > 2 and "--help".startswith(flag)):
             usage_error(f"{arg} after --: this would be run.py's help; see python run.py --help "
                         "for the flags to pass after --")
-    parser = cli.build_parser()
-    parser.error = lambda message: usage_error(f"after --: run.py {message}")
-    parser.set_defaults(**dict.fromkeys(ENTRY_FLAGS))  # None: not given
-    given, rest = parser.parse_known_args(["1", "train", *extra])  # abbreviations too
+    given, rest = run_flags_given(extra)
     for dest, flag in ENTRY_FLAGS.items():
-        if getattr(given, dest) is not None:
+        if dest in given:
             usage_error(f"{flag} after --: it would apply to every entry alike and make entries "
                         "share a folder; choose the nets with --only and the seeds with --seeds")
+    for dest, flag in TEST_FLAGS.items():
+        if dest in given:
+            usage_error(f"{flag} after --: every entry's run.py test would share that file; "
+                        "each test writes its run folder's test.json")
     unknown = [arg for arg in rest if arg.startswith("-")]
     if unknown:
         usage_error(f"after --: run.py has no option {unknown[0]}")
     if rest:
         usage_error(f"{' '.join(rest)} after --: each entry sets run.py's N and mode; pass "
                     "only flags after --")
+
+
+def run_flags_given(extra):
+    """(the run.py settings among ENTRY_FLAGS, TEST_FLAGS and PLACEMENT_FLAGS that `extra`
+    gives, abbreviations too; what run.py's parser left over), parsed as run.py parses them."""
+    parser = cli.build_parser()
+    parser.error = lambda message: usage_error(f"after --: run.py {message}")
+    watched = {**ENTRY_FLAGS, **TEST_FLAGS, **PLACEMENT_FLAGS}
+    parser.set_defaults(**dict.fromkeys(watched))  # None: not given
+    parsed, rest = parser.parse_known_args(["1", "train", *extra])
+    return {dest for dest in watched if getattr(parsed, dest) is not None}, rest
 
 
 def selected_nets(options):
@@ -179,7 +197,8 @@ def plan(options, extra, threads=None):
         args = run.parse_args(train)
         folder = os.path.join(args.logdir, args.name)
         test = [train[0], "test", *train[2:]]
-        runs.append(PlannedRun(folder, f"{folder}.log", args.iters, args.batch_size, [train, test]))
+        runs.append(PlannedRun(folder, f"{folder}.log", args.iters, args.batch_size, [train, test],
+                               run.experiment_config(args)))
     return runs
 
 
@@ -206,15 +225,11 @@ def check_folders(runs):
             path = os.path.dirname(path)
 
 
-def given(extra, flag):
-    return any(a == flag or a.startswith(flag + "=") for a in extra)
-
-
 def placement(jobs, runs_count, extra):
     """(threads for each run, the GPUs to spread the jobs over). On CPU the jobs split the
     cores (no flag for one job: run.py takes them all); on GPUs each job gets one through
     CUDA_VISIBLE_DEVICES, so the command stays the one a user types."""
-    if given(extra, "--device") or given(extra, "--threads"):
+    if run_flags_given(extra)[0] & set(PLACEMENT_FLAGS):
         return None, []
     if torch.cuda.is_available():
         listed = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -223,6 +238,26 @@ def placement(jobs, runs_count, extra):
     jobs = min(jobs, runs_count)
     cores = usable_cores()
     return (max(1, (cores or 1) // jobs) if jobs > 1 else None), []
+
+
+def another_configuration(planned):
+    """Why the run folder holds a run of other experiment settings than the planned command's
+    (a finished run would otherwise count as done), else None."""
+    path = os.path.join(planned.folder, "config.json")
+    required = [k for k in EXPERIMENT_KEYS if k not in ADDED_KEYS]  # older runs lack those
+    held = plot_curves.read_json(path, required, ignored="its run cannot be checked")
+    if held is None or planned.config is None:
+        return None  # absent; or unreadable, and run.py refuses to resume such a folder
+    planned_config = json.loads(json.dumps(planned.config))  # milestones as a list, as held
+    held = with_added_defaults(held)
+    changed = [k for k in EXPERIMENT_KEYS if held[k] != planned_config[k]]
+    if not changed:
+        return None
+    diff = ", ".join(f"{k}: run has {held[k]}, command has {planned_config[k]}" for k in changed)
+    hint = (f"; to go on with it, pass -- --bn-batch {held['bn_batch']}"
+            if changed == ["bn_batch"] else "")
+    return (f"{planned.folder} holds a run of another configuration ({diff}){hint}; move it "
+            "away or choose another --logdir")
 
 
 # ---------------------------------------------------------------- running them
@@ -419,6 +454,11 @@ def main(argv=None):
         for planned in runs:
             print(" && ".join(shell_line(command) for command in planned.commands))
         return 0
+    for planned in runs:
+        problem = another_configuration(planned)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     for planned in runs:
         settle_finished(planned)
     received = run_all(runs, options.jobs, gpus, Overview(sys.stdout))

@@ -362,3 +362,51 @@ def test_overview_shows_a_finished_run_whose_result_holds_no_number(tmp_path, te
         json.dump({"test_error": test_error}, f)
     assert "result.json" in reproduce.state_detail(planned)
     assert "result.json" in reproduce.overview_lines([planned])[1]
+
+
+@pytest.mark.parametrize("held_bn, refused", [(None, True), (128, True), (64, False)])
+def test_a_finished_run_of_another_configuration_is_refused_not_counted_done(
+        tmp_path, held_bn, refused):
+    # A folder of the BN-128 default (its config.json written before bn_batch was a key, or
+    # with 128) has the name the BN-64 default's run gets: it must not pass as that run.
+    options, extra = reproduce.parse_args(["--only", "resnet20", "--iters", "100",
+                                           "--logdir", str(tmp_path)])
+    [planned] = reproduce.plan(options, extra)
+    held = json.loads(json.dumps(planned.config))
+    held.pop("bn_batch")
+    if held_bn is not None:
+        held["bn_batch"] = held_bn
+    os.makedirs(planned.folder)
+    for name, content in {"config.json": held, "result.json": {"test_error": 9.0},
+                          "test.json": dict(iteration=100, final_weights=True)}.items():
+        with open(os.path.join(planned.folder, name), "w") as f:
+            json.dump(content, f)
+    code, out, err = call(["--only", "resnet20", "--iters", "100", "--logdir", str(tmp_path),
+                           "--out", str(tmp_path / "out")])
+    if refused:
+        assert code == 1 and out == ""
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert planned.folder in err and "bn_batch: run has 128, command has 64" in err
+        assert "-- --bn-batch 128" in err
+        assert not os.path.exists(planned.log)  # nothing ran
+    else:
+        assert "done" in out and "holds a run of another configuration" not in err
+
+
+@pytest.mark.parametrize("after_dashes, named", [
+    (["--out", "t.json"], "--out"), (["--ou=t.json"], "--out"),
+    (["--checkpoint", "m.pt"], "--checkpoint"),
+])
+def test_test_files_after_the_dashes_are_usage_errors(after_dashes, named, capsys):
+    # Every entry's test would write one file (none its test.json), or test one checkpoint.
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--only", "resnet20", "--print", "--", *after_dashes])
+    assert exit_info.value.code == 2
+    assert named in usage_error(capsys.readouterr().err)
+
+
+def test_placement_is_left_to_run_py_when_device_or_threads_follow_the_dashes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for extra in (["--device", "cpu"], ["--dev=cpu"], ["--thr", "3"], ["--threads=3"]):
+        assert reproduce.placement(jobs=4, runs_count=10, extra=extra) == (None, []), extra
