@@ -67,6 +67,7 @@ class ToTensorInput(nn.Module):
 
     def forward(self, x):  # (B, 3, 32, 32) float in [0, 1] -> (B, num_classes) logits
         _check_input(x)
+        x = x.to(self.per_pixel_mean.dtype)  # float64 from numpy, or a model made .double()
         return self.net(x * 255 - self.per_pixel_mean)
 
 

@@ -183,6 +183,21 @@ def test_the_wrapper_takes_the_edges_of_its_range_and_an_empty_batch():
         assert model(torch.zeros(0, 3, 32, 32)).shape == (0, 10)
 
 
+def test_the_wrapper_takes_any_float_precision_in_the_models_precision():
+    # float64 is what numpy arrays give; .double() is what a user does to compare in float64.
+    net, mean = ResNet(1).eval(), torch.full((3, 32, 32), 100.0)
+    model = hubconf.ToTensorInput(net, mean)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+        assert torch.equal(model(x.double()), model(x.double().float()))
+        assert torch.allclose(model(x.double()), expected)
+        assert torch.allclose(model(x.bfloat16()), model(x.bfloat16().float()))
+        model.double()
+        assert model(x).dtype == torch.float64 and torch.allclose(model(x).float(), expected,
+                                                                   atol=1e-5)
+
+
 def damaged_copy(name, tmp_path):
     """A copy of `name`'s published model.pt with the top exponent bit of one weight flipped,
     as a bad disk sector or a bad download does it: torch.load does not notice."""
