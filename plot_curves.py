@@ -271,28 +271,36 @@ def read_config(folder):
 
 
 def one_per_seed(runs):
-    """`runs` with one run per configuration, seed and first processor: two folders of all three
-    are copies of one run (a backup), counted once; the one trained furthest is kept, the first by
-    name of those. The same seed begun on another processor is a run of its own: other kernels
-    round otherwise (ResNet-56's two such runs parted within the first hundred iterations)."""
+    """`runs` with one run per computation: two folders of one configuration and seed, begun on
+    the same processor and device the same way (`computation`), are copies of one run (a
+    backup), counted once; the one trained furthest is kept, of those the one with the most of
+    its files (test.json, curves), then the first by name. The same seed computed otherwise is a
+    run of its own: other kernels, `--compile` or TF32 round otherwise, and a run that rounds
+    otherwise takes a course of its own (ResNet-56's two such runs parted within the first hundred
+    iterations)."""
     kept = {}
-    for run in sorted(runs, key=lambda r: (not r.finished, -r.iterations, r.folder)):
-        key = configuration(run.config) + (run.config["seed"], first_processor(run.config))
+    for run in sorted(runs, key=lambda r: (not r.finished, -r.iterations, r.test is None,
+                                           not r.scalars, r.folder)):
+        key = configuration(run.config) + (run.config["seed"],) + computation(run.config)
         if key in kept:
-            warn(f"{run.folder}: the same configuration, seed ({run.config['seed']}) and first "
-                 f"processor as {kept[key].folder}: copies of one run, counted once, as "
-                 f"{kept[key].folder}")
+            warn(f"{run.folder}: the same configuration and seed ({run.config['seed']}), begun "
+                 f"the same way on the same processor as {kept[key].folder}: copies of one run, "
+                 f"counted once, as {kept[key].folder}")
         else:
             kept[key] = run
     kept_runs = {id(run) for run in kept.values()}
     return [run for run in runs if id(run) in kept_runs]
 
 
-def first_processor(config):
-    """The processor the run began on, as config.json names it (None before runs named it)."""
+def computation(config):
+    """What besides the configuration and seed decides a run's rounding, as config.json records
+    it: `--compile`, and its start's processor, device and TF32 (None where older runs did not
+    record them)."""
     start = config.get("start")
-    processor = start.get("processor") if isinstance(start, dict) else None
-    return processor if isinstance(processor, str) else None
+    start = start if isinstance(start, dict) else {}
+    recorded = [start.get("processor"), start.get("device"), start.get("tf32")]
+    return (config.get("compile") is True,) + tuple(
+        value if isinstance(value, (str, bool)) else None for value in recorded)
 
 
 # ---------------------------------------------------------------- configurations

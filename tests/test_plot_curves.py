@@ -521,6 +521,26 @@ def test_the_same_seed_begun_on_another_processor_is_a_run_of_its_own(tmp_path, 
     assert "resnet20-amd-backup" in warning and "counted once" in warning
 
 
+@pytest.mark.parametrize("other", [dict(compile=True), dict(start={"tf32": True}),
+                                   dict(start={"device": "cuda"})])
+def test_the_same_seed_computed_otherwise_is_a_run_of_its_own(tmp_path, capsys, other):
+    # --compile or TF32 round otherwise, and the run takes its own course: not a copy.
+    make_run(tmp_path, "resnet20", final=8.0)
+    edit_json(os.path.join(make_run(tmp_path, "resnet20-other", final=9.0), "config.json"),
+              **other)
+    runs = plot_curves.find_runs(str(tmp_path))
+    assert row(plot_curves.table6(runs), "ResNet", 20)[3:7] == [
+        "8.00 (8.50±0.71)", "8.75", "-0.75", "2"]
+    assert capsys.readouterr().err == ""
+
+
+def test_of_two_finished_copies_the_one_with_its_test_json_is_kept(tmp_path, capsys):
+    make_run(tmp_path, "resnet20-a", final=8.0)
+    make_run(tmp_path, "resnet20-b", final=8.0, responses=[1.0] * 19)
+    (run,) = plot_curves.find_runs(str(tmp_path))
+    assert run.folder == str(tmp_path / "resnet20-b") and run.test is not None
+
+
 def test_of_two_copies_of_a_run_the_finished_one_is_kept(tmp_path, capsys):
     make_run(tmp_path, "resnet20", final=8.0, stop_at=32_000)
     make_run(tmp_path, "resnet20-backup", final=7.0)
