@@ -215,7 +215,7 @@ def default_name(args):
             parts.append(f"{label}{getattr(args, key):g}")
     if args.warmup != RECIPE["warmup"]:
         parts.append(f"warmup-{args.warmup}")
-    if args.bn_batch != default_bn_batch(args, World.from_environment()):
+    if args.bn_batch != PAPER["bn_batch"]:  # not its default's: that depends on the processes
         parts.append(f"bn{args.bn_batch}")
     if args.val_size:
         parts.append(f"val{args.val_size}")

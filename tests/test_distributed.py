@@ -65,8 +65,8 @@ def test_sync_bn_matches_one_process_with_the_same_global_batch(synthetic_cifar,
     assert code == 0, err
     code, _, err = finish(single(synthetic_cifar, tmp_path / "one", "--iters", "2", "--sync-bn"))
     assert code == 0, err
-    two = checkpoint_of(tmp_path / "two" / "resnet8-iters2")["model"]
-    one = checkpoint_of(tmp_path / "one" / "resnet8-iters2")["model"]
+    two = checkpoint_of(tmp_path / "two" / "resnet8-iters2-bn128")["model"]
+    one = checkpoint_of(tmp_path / "one" / "resnet8-iters2-bn128")["model"]
     # float32 rounding leaves ~2e-5 here; per-process BN statistics would differ by ~7e-4
     # in the weights and by ~30 in the running variances (of raw-pixel-scale activations)
     for key, value in one.items():

@@ -120,10 +120,12 @@ def test_shorter_schedule_keeps_the_milestone_fractions():
      "resnet20-B-cifar100-bf16"),
     (["9", "train", "--amp", "bf16", "--bn-batch", "64"], "resnet56-bf16"),  # the default
     (["9", "train", "--bn-batch", "128"], "resnet56-bn128"),  # the default before 64
-    (["9", "train", "--batch-size", "96"], "resnet56-bs96"),  # 64 does not divide: BN over 96
+    (["9", "train", "--batch-size", "96"], "resnet56-bs96-bn96"),  # 64 does not divide 96
     (["9", "train", "--batch-size", "96", "--bn-batch", "32"], "resnet56-bs96-bn32"),
     (["9", "train", "--batch-size", "256"], "resnet56-bs256"),  # 4 groups of 64
-    (["9", "train", "--sync-bn"], "resnet56"),  # --sync-bn is over the whole batch: its default
+    # --sync-bn normalises over the whole batch, as --bn-batch 128 does in one process: the same
+    # net, and never the default's folder.
+    (["9", "train", "--sync-bn"], "resnet56-bn128"),
 ])
 def test_run_names_follow_the_configuration(argv, name):
     assert run.parse_args(argv).name == name
@@ -142,7 +144,9 @@ def test_batch_norm_is_over_the_papers_64_images_by_default(monkeypatch, process
         monkeypatch.setenv(key, str(value))
     args = run.parse_args(["9", "train", "--batch-size", str(batch), "--device", "cpu"])
     assert args.bn_batch == bn_batch
-    assert "bn" not in args.name
+    # The name says the BN batch where it is not the paper's 64, whatever the processes: one
+    # process and two with --batch-size 64 normalise over 64 and 32, in folders of their own.
+    assert ("bn" in args.name) == (bn_batch != 64)
 
 
 def test_data_dir_defaults_to_the_data_sets_own_variable_or_folder(monkeypatch):
