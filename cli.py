@@ -9,18 +9,24 @@ import os
 from experiment import DATA_FOLDERS, MATRIX, PAPER, RECIPE, default_data_dir, depth_of
 from plumbing import World
 
+MAX_THREADS = 65_536  # more than any machine has; torch refuses more than 2**31 - 1
+MAX_DIST_TIMEOUT = 30 * 24 * 3600  # seconds: a month; Python's timedelta overflows far above
 
-def number_type(kind, lowest, inclusive=True):
-    """An argparse type: a finite `kind` (int or float) >= lowest (or > lowest)."""
+
+def number_type(kind, lowest, inclusive=True, highest=None):
+    """An argparse type: a finite `kind` (int or float) >= lowest (or > lowest), and at most
+    `highest` if given."""
     noun = "whole number" if kind is int else "finite number"
     bound = f"{'>=' if inclusive else '>'} {lowest:g}"
+    bound += f" and at most {highest:,}" if highest is not None else ""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {noun}, got {text!r}") from None
-        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive) \
+                or (highest is not None and value > highest):
             raise argparse.ArgumentTypeError(f"expected a {noun} {bound}, got {text}")
         return value
     return parse
@@ -114,8 +120,9 @@ def build_parser():
     ops.add_argument("--log-every", type=positive_int, default=100,
                      help="window of the running train error/loss, in iterations")
     ops.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1")
-    ops.add_argument("--threads", type=positive_int, default=None,
-                     help="CPU threads (default: all cores, shared among a node's processes)")
+    ops.add_argument("--threads", type=number_type(int, 1, highest=MAX_THREADS), default=None,
+                     help="CPU threads (default: all the cores this process may use, shared "
+                          "among a node's processes)")
     ops.add_argument("--compile", action="store_true", help="torch.compile the model")
     ops.add_argument("--tf32", action="store_true",
                      help="let float32 convs and matmuls use TF32 on GPUs that have it (Ampere "
@@ -125,7 +132,8 @@ def build_parser():
                           "bit-reproducible (CPU runs always are)")
     ops.add_argument("--sync-bn", action="store_true",
                      help="under torchrun: BN statistics over the global batch, not per process")
-    ops.add_argument("--dist-timeout", type=positive_int, default=600,
+    ops.add_argument("--dist-timeout", type=number_type(int, 1, highest=MAX_DIST_TIMEOUT),
+                     default=600,
                      help="under torchrun: seconds a process waits for the others before failing")
     return p
 

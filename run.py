@@ -335,7 +335,7 @@ def setup_machine(args, world=None):
     process group."""
     world = world or World.from_environment()
     device = pick_device(args.device, world.local_rank)
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    torch.set_num_threads(args.threads or max(1, (usable_cores() or 1) // world.local_size))
     set_float32_precision(args.tf32)
     if device.type == "cpu":
         keep_freed_memory()

@@ -378,6 +378,8 @@ BAD_FLAGS = [
     (["1", "train", "--log-every", "0"], "--log-every"),
     (["1", "train", "--threads", "0"], "--threads"),
     (["1", "train", "--dist-timeout", "0"], "--dist-timeout"),
+    (["1", "train", "--threads", str(2 ** 31)], "--threads"),  # torch.set_num_threads raised
+    (["1", "train", "--dist-timeout", str(10 ** 14)], "--dist-timeout"),  # timedelta overflowed
     (["1", "train", "--seed", "-1"], "--seed"),
     (["1", "train", "--seed", "1.5"], "--seed"),
     (["1", "train", "--seed", str(2 ** 64)], "--seed"),  # beyond what torch.manual_seed takes
@@ -463,6 +465,18 @@ def test_more_threads_than_cores_is_noted(monkeypatch):
     assert any("--threads 1000" in note for note in run.notes(run.parse_args(
         ["3", "train", "--threads", "1000"])))
     assert not run.notes(run.parse_args(["3", "train", "--threads", "2"]))
+
+
+def test_the_default_threads_are_the_cores_this_process_may_use(monkeypatch):
+    # Under taskset, a cpuset or Slurm, one thread per core of the machine would crowd a few.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    before = torch.get_num_threads()
+    try:
+        run.setup_machine(run.parse_args(["3", "train", "--device", "cpu"]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_name_that_is_not_utf8_is_a_usage_error(capsys):
