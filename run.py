@@ -180,7 +180,9 @@ def evaluate(model, images, labels, mean, amp):
     sharded = dist.is_initialized()
     mine = slice(dist.get_rank(), None, dist.get_world_size()) if sharded else slice(None)
     classes = None  # the network's outputs, known from its first batch
-    for start in range(0, len(images[mine]), batch_size):
+    # At least one batch, if empty: a process whose shard is empty (--val-size 1 under torchrun)
+    # still learns the number of classes, and adds zeros to the others' sums.
+    for start in range(0, max(1, len(images[mine])), batch_size):
         x = cifar_binary.normalize(images[mine][start:start + batch_size], mean)
         y = labels[mine][start:start + batch_size]
         with autocast(device, amp):

@@ -183,6 +183,21 @@ def test_batch_order_is_a_function_of_seed_and_iteration():
     assert not torch.equal(a(7), c(7))
 
 
+def test_a_process_whose_evaluation_shard_is_empty_adds_zeros(monkeypatch):
+    # Under torchrun, --val-size 1 leaves the second process no image of the validation split.
+    from resnet import ResNet
+    reduced = []
+    monkeypatch.setattr(run.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(run.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(run.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(run.dist, "all_reduce", lambda sums: reduced.append(sums.clone()))
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    result = run.evaluate(ResNet(1), images, torch.tensor([3]), torch.zeros(3, 32, 32), "none")
+    (sums,) = reduced
+    assert sums.shape == (11,) and not sums.any()  # 10 classes' errors and the loss: zeros
+    assert len(result["per_class_error"]) == 10
+
+
 def test_the_processor_is_named_with_its_vector_units(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     core = ("processor\t: {}\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 9B45\n"
