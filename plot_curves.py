@@ -52,10 +52,12 @@ def is_number(value):
 
 
 COUNT, POSITIVE = ("an integer >= 0", is_int), ("an integer >= 1", lambda v: is_int(v, 1))
+MAX_N = 100_000  # blocks per stage: far beyond any net trained (ResNet-1202 has 200)
 NUMBER, STRING = ("a finite number", is_number), ("a string", lambda v: isinstance(v, str))
 # What the values this script uses must be, in config.json, result.json and test.json alike.
 FIELD_TYPES = {
-    "n": POSITIVE, "plain": ("true or false", lambda v: isinstance(v, bool)),
+    "n": (f"an integer from 1 to {MAX_N:,}", lambda v: is_int(v, 1) and v <= MAX_N),
+    "plain": ("true or false", lambda v: isinstance(v, bool)),
     "shortcut": ('"A" or "B"', lambda v: v in ("A", "B")), "iters": POSITIVE,
     "milestones": ("a list of integers >= 0",
                    lambda v: isinstance(v, list) and all(map(is_int, v))),
@@ -126,7 +128,7 @@ def read_json(path, required, ignored="ignored"):
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         warn(f"{path}: unreadable ({e}); {ignored}")
         return None
     missing = [k for k in required if not isinstance(data, dict) or k not in data]

@@ -508,7 +508,7 @@ def read_run_info(folder):
     try:
         with open(path) as f:
             info = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"{path}: unreadable ({e}); {remedy}") from None
     if not (isinstance(info, dict) and isinstance(info.get("start"), dict)
             and isinstance(info.get("resumes"), list)
@@ -1133,7 +1133,7 @@ def read_json_or_none(path):
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

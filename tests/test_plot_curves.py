@@ -485,6 +485,22 @@ def test_a_fifo_in_a_run_folder_is_named_and_skipped_instead_of_blocking(tmp_pat
     assert row(captured.out, "ResNet", 20)[3] == "8.00"
 
 
+@pytest.mark.parametrize("name", ["config.json", "result.json", "test.json"])
+def test_a_deeply_nested_json_file_is_skipped_in_one_line(tmp_path, capsys, name):
+    # Small enough to be read, too deep for Python's json (RecursionError, not a ValueError).
+    make_run(tmp_path, "resnet20", final=8.0, events=False)
+    folder = make_run(tmp_path, "resnet56", n=9, final=7.0, events=False, responses=[1.0] * 55)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    assert plot_curves.main(["--logdir", str(tmp_path), "--out", str(tmp_path / "out"),
+                             "--markdown-only"]) == 0
+    captured = capsys.readouterr()
+    (warning,) = warnings_naming(captured.err, path)
+    assert "unreadable" in warning and "Traceback" not in captured.err
+    assert row(captured.out, "ResNet", 20)[3] == "8.00"
+
+
 def test_a_huge_result_json_is_refused_before_it_is_read(tmp_path, capsys):
     folder = make_run(tmp_path, "resnet20", final=8.0, events=False)
     path = os.path.join(folder, "result.json")
@@ -565,7 +581,8 @@ def test_a_config_json_whose_n_contradicts_its_depth_or_params_is_skipped(tmp_pa
 
 
 @pytest.mark.parametrize("file, key, value", [
-    ("config.json", "n", "3"), ("config.json", "n", 0), ("config.json", "plain", "false"),
+    ("config.json", "n", "3"), ("config.json", "n", 0), ("config.json", "n", 10 ** 12),
+    ("config.json", "plain", "false"),
     ("config.json", "milestones", 32_000), ("config.json", "milestones", ["32k"]),
     ("config.json", "iters", None), ("config.json", "lr", [0.1]), ("config.json", "seed", {}),
     ("config.json", "dataset", "svhn"), ("config.json", "bn_batch", "64"),

@@ -540,7 +540,8 @@ def test_a_resume_during_warmup_with_another_log_every_ends_exactly_as_one_run(
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"n": 1}', '{"resumes": []}',
-                                     '{"start": {}, "resumes": [42]}'])
+                                     '{"start": {}, "resumes": [42]}',
+                                     "[" * 100_000 + "]" * 100_000])  # too deep for json
 def test_a_damaged_config_json_refuses_the_resume_until_moved_away(content, stopped,
                                                                     synthetic_cifar, tmp_path,
                                                                     capsys):
