@@ -9,15 +9,18 @@ markdown table.
 
 --until N keeps only the windows ending at iteration N or before, so that an unfinished run can
 be compared with finished ones over the same iterations. A phase a run has not logged to its
-end (or to N) is marked with the iteration its windows reach.
+end (or to N) is marked with the iteration its windows reach. A window logged at another lr than
+its phase's (the warm-up of ResNet-110 and deeper, at lr 0.01) is left out of that phase.
 """
 import argparse
+import math
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import plot_curves  # noqa: E402
+from experiment import LR  # noqa: E402
 
 
 def phases(config):
@@ -26,13 +29,25 @@ def phases(config):
     return [(config["lr"] / 10 ** k, end) for k, end in enumerate(ends)]
 
 
-def phase_means(scalars, tag, start, end, until):
-    """Mean of `tag` over the windows ending in (start, min(end, until)], and the last of them."""
+def phase_means(scalars, tag, lr, start, end, until):
+    """Mean of `tag` over the windows ending in (start, min(end, until)] that were trained at
+    the phase's `lr` (where the run logged its lr), and the last of them."""
     steps, values = scalars.get(tag, ([], []))
-    kept = [(s, v) for s, v in zip(steps, values) if start < s <= min(end, until)]
+    logged_lr = dict(zip(*scalars.get(LR, ([], []))))
+    kept = [(s, v) for s, v in zip(steps, values) if start < s <= min(end, until)
+            and math.isclose(logged_lr.get(s, lr), lr, rel_tol=1e-6)]
     if not kept:
         return None, None
     return statistics.mean(v for _, v in kept), kept[-1][0]
+
+
+def window_length(run):
+    """The run's --log-every: its config.json's, else the smallest gap between logged windows."""
+    every = run.config.get("log_every")
+    if plot_curves.is_int(every, 1):
+        return every
+    steps = run.scalars.get("train/loss", ([], []))[0]
+    return min((b - a for a, b in zip(steps, steps[1:])), default=1)
 
 
 def final_test_error(run):
@@ -44,14 +59,13 @@ def final_test_error(run):
 
 
 def row(run, until):
-    config, cells, start = run.config, [], 0
-    for _, end in phases(config):
-        loss, last = phase_means(run.scalars, "train/loss", start, end, until)
-        error, _ = phase_means(run.scalars, "train/error", start, end, until)
+    config, cells, start, every = run.config, [], 0, window_length(run)
+    for lr, end in phases(config):
+        loss, last = phase_means(run.scalars, "train/loss", lr, start, end, until)
+        error, _ = phase_means(run.scalars, "train/error", lr, start, end, until)
         if loss is None or error is None:
             cells.append("-")
         else:
-            every = config["log_every"]
             reached = "" if last >= min(end, until) // every * every else f" (to {last:,})"
             cells.append(f"{loss:.3f} / {error:.2f}{reached}")
         start = end

@@ -1,4 +1,5 @@
 """The analysis scripts under results/ still run and measure what they say."""
+import json
 import os
 import sys
 
@@ -37,14 +38,16 @@ def test_bf16_gradients_refuses_bad_input_in_one_line(synthetic_cifar, tmp_path,
     assert err.count("\n") == 2 and "none.pt" in err and "--batches 1000" in err
 
 
-def fit_run(logdir, name, stop_at=None, seed=0):
+def fit_run(logdir, name, stop_at=None, seed=0, lr=None):
     """A run of 1,000 iterations (lr/10 at 500 and 750) that logged training loss step/1000 and
-    training error step/10 every 100 iterations, to `stop_at`."""
+    training error step/10 every 100 iterations, to `stop_at`, and lr(step) if given."""
     folder = make_run(str(logdir), name, iters=1000, stop_at=stop_at, events=False, seed=seed)
     writer = SummaryWriter(folder)
     for step in range(100, (stop_at or 1000) + 1, 100):
         writer.add_scalar("train/loss", step / 1000, step)
         writer.add_scalar("train/error", step / 10, step)
+        if lr:
+            writer.add_scalar("lr", lr(step), step)
     writer.close()
     return folder
 
@@ -59,6 +62,29 @@ def test_training_fit_averages_each_learning_rate_phase(tmp_path, capsys):
     assert training_fit.main(["--until", "600", done]) == 0
     assert cells(capsys.readouterr().out.splitlines()[2])[3:6] == [
         "0.300 / 30.00", "0.600 / 60.00", "-"]
+
+
+def test_training_fit_leaves_the_warm_up_out_of_the_first_phase(tmp_path, capsys):
+    # ResNet-110 trains its first windows at lr 0.01: they are not of the lr 0.1 phase.
+    folder = fit_run(tmp_path, "warm", lr=lambda step: 0.01 if step <= 200 else
+                     0.1 / 10 ** ((step > 500) + (step > 750)))
+    assert training_fit.main([folder]) == 0
+    # lr 0.1: windows ending at 300..500 only; the later phases as without a warm-up
+    assert cells(capsys.readouterr().out.splitlines()[2])[3:6] == [
+        "0.400 / 40.00", "0.650 / 65.00", "0.900 / 90.00"]
+
+
+def test_training_fit_takes_a_config_json_without_log_every(tmp_path, capsys):
+    folder = fit_run(tmp_path, "old", stop_at=600)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["log_every"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert training_fit.main([folder]) == 0
+    assert cells(capsys.readouterr().out.splitlines()[2])[3:5] == [
+        "0.300 / 30.00", "0.600 / 60.00 (to 600)"]
 
 
 def test_training_fit_refuses_bad_input_in_one_line(tmp_path, capsys):
