@@ -22,6 +22,7 @@ import run  # noqa: E402
 from experiment import RECIPE  # noqa: E402
 
 KINDS = ("bf16", "BN over 64", "another batch")
+REMEDY = "pass 'init' or a checkpoint.pt or model.pt of this project's runs"
 
 
 def gradient(net, x, y, amp):
@@ -84,13 +85,16 @@ def nets_of(spec, n, compile):
         config = {**RECIPE, "n": n, "plain": False, "shortcut": "A", "dataset": "cifar10"}
         state = run.build_model({**config, "bn_batch": 128}, torch.device("cpu")).state_dict()
     else:
-        loaded = run.load_checkpoint(spec)
+        loaded = run.load_checkpoint(spec, remedy=REMEDY)
         config, state = loaded["config"], loaded["model"]
     nets = {}
     for bn_batch in (128, 64):
         module = run.build_model({**config, "bn_batch": bn_batch}, torch.device("cpu"),
                                  batch_share=128)
-        module.load_state_dict(state)
+        with run.checkpoint_must_fit(spec, config, REMEDY):
+            module.load_state_dict(state)
+    if spec != "init":
+        run.verify_digest(spec, loaded, REMEDY)  # a damaged byte inside a tensor
         module.train()
         nets[bn_batch] = (module, torch.compile(module) if compile else module)
     return nets

@@ -38,6 +38,29 @@ def test_bf16_gradients_refuses_bad_input_in_one_line(synthetic_cifar, tmp_path,
     assert err.count("\n") == 2 and "none.pt" in err and "--batches 1000" in err
 
 
+def test_bf16_gradients_refuses_damaged_or_foreign_weights_in_one_line(synthetic_cifar, tmp_path,
+                                                                      capsys):
+    import torch
+    import run
+    from resnet import ResNet
+    torch.manual_seed(0)
+    state = {"format": run.CHECKPOINT_FORMAT, "model": ResNet(1).state_dict(), "iteration": 0,
+             "per_pixel_mean": torch.zeros(3, 32, 32),
+             "config": {**run.experiment_config(run.parse_args(["1", "train"]))}}
+    run.save_checkpoint(tmp_path / "model.pt", state, run.MODEL_KEYS)
+    damaged = torch.load(tmp_path / "model.pt", weights_only=True)
+    damaged["model"]["fc.weight"][0, 0] += 1  # a changed weight under the stored digest
+    torch.save(damaged, tmp_path / "damaged.pt")
+    foreign = dict(damaged, model=ResNet(2).state_dict(), digest=None)
+    del foreign["digest"]
+    torch.save(foreign, tmp_path / "foreign.pt")
+    for name, says in (("damaged.pt", "damaged"), ("foreign.pt", "does not fit")):
+        assert bf16_gradients.main(["--data-dir", synthetic_cifar, "--n", "1", "--batches", "1",
+                                    str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and says in err, err
+
+
 def fit_run(logdir, name, stop_at=None, seed=0, lr=None):
     """A run of 1,000 iterations (lr/10 at 500 and 750) that logged training loss step/1000 and
     training error step/10 every 100 iterations, to `stop_at`, and lr(step) if given."""
