@@ -93,10 +93,10 @@ def nets_of(spec, n, compile):
                                  batch_share=128)
         with run.checkpoint_must_fit(spec, config, REMEDY):
             module.load_state_dict(state)
-    if spec != "init":
-        run.verify_digest(spec, loaded, REMEDY)  # a damaged byte inside a tensor
         module.train()
         nets[bn_batch] = (module, torch.compile(module) if compile else module)
+    if spec != "init":
+        run.verify_digest(spec, loaded, REMEDY)  # a damaged byte inside a tensor
     return nets
 
 
