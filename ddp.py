@@ -49,6 +49,13 @@ def sync_batchnorm(module, device):
     return module
 
 
+def any_process(flag):
+    """Whether `flag` is true in any process (a CPU all-reduce: gloo)."""
+    total = torch.tensor([float(flag)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item() > 0
+
+
 def ranks_agree(model):
     """Whether every process holds the same weights, as DDP should keep them, bit for bit."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()

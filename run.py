@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import cifar_binary
 import cli
 from cli import build_parser, default_bn_batch, default_milestones, default_name
-from ddp import from_rank_0, ranks_agree, sync_batchnorm
+from ddp import any_process, from_rank_0, ranks_agree, sync_batchnorm
 from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, TRAIN_ERROR,
                         TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, default_data_dir, depth_of,
                         with_added_defaults, without_added_defaults)
@@ -791,8 +791,13 @@ class TrainingRun:
             self.warmup_window.add(loss, wrong)
             if self.iteration % WARMUP_WINDOW == 0:
                 self.end_warmup_window()
-        # A lone process stops after any step; processes stop together after a window.
-        self.stopping = bool(self.signals) and self.world.size == 1
+        # A lone process stops after any step. CPU processes agree after every step: torchrun
+        # kills them 30 s after a signal, and a CPU window may take longer. GPU processes agree
+        # at the end of a window (seconds there), with no sync per step.
+        if self.world.size == 1:
+            self.stopping = bool(self.signals)
+        elif self.device.type == "cpu":
+            self.stopping = any_process(bool(self.signals))
 
     def end_window(self):
         """Log the window's training loss, error, lr and speed."""

@@ -20,12 +20,13 @@ pytestmark = pytest.mark.slow  # torchrun and spawned processes
 FLAGS = ["--log-every", "2", "--eval-every", "1000", "--threads", "1"]
 
 
-def torchrun(data, logdir, *extra, processes=2):
+def torchrun(data, logdir, *extra, processes=2, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          f"--nproc-per-node={processes}", os.path.join(ROOT, "run.py"), "1", "train",
          "--data-dir", data, "--logdir", str(logdir), *FLAGS, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=None if env is None else {**os.environ, **env})
 
 
 def single(data, logdir, *extra):
@@ -127,6 +128,24 @@ def test_killed_process_fails_the_job_and_it_resumes_with_another_process_count(
     assert f"resuming from iteration {iteration}" in out
     assert code == 128 + signal.SIGTERM, err
     assert checkpoint_of(folder)["iteration"] > iteration
+
+
+def test_a_signal_to_torchrun_stops_cpu_processes_after_the_step_with_a_checkpoint(
+        synthetic_cifar, tmp_path):
+    # torchrun kills its processes a while after passing a signal on (30 s by default, 3 here);
+    # a window of 1,000 iterations would not end by then: they must stop after the step.
+    flags = ["--iters", "100000", "--log-every", "1000", "--ckpt-every", "100000"]
+    folder = tmp_path / "resnet8-iters100000"
+    job = torchrun(synthetic_cifar, tmp_path, *flags, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"})
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(folder.glob("events.out.tfevents.*")):
+        time.sleep(0.1)  # the event file opens once the signal handlers are in place
+    time.sleep(2)  # some steps
+    job.send_signal(signal.SIGTERM)
+    finish(job, timeout=120)
+    state = checkpoint_of(folder)
+    assert 0 < state["iteration"] < 1000
+    assert state["window"][2].item() == 128 * state["iteration"]  # every process's part, once
 
 
 def kill_after_checkpoint(job, folder, after):
