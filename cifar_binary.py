@@ -12,7 +12,6 @@ Also here: the official archives' download, the per-pixel mean, and the paper's 
 or its horizontal flip") as batched tensor code on any device.
 """
 import contextlib
-import fcntl
 import http.client
 import os
 import shutil
@@ -252,6 +251,7 @@ def _download_lock(parent, name):
     finds, once it holds it, that the path no longer names that file: it takes the lock again on
     the file now there (a new one, or the one a third process made), so only one process at a
     time ever holds the lock of the file at the path."""
+    import fcntl  # here: POSIX only, and loading weights through torch.hub needs none of it
     path = os.path.join(parent, f".{name}.download-lock")
     while True:
         made, folder = [], parent  # the folders that makedirs creates, deepest first

@@ -5,7 +5,6 @@ Torch-free."""
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import json
 import os
 import platform
@@ -136,6 +135,7 @@ def run_folder(logdir, name, fresh):
     """Create <logdir>/<name> and hold its lock for the whole run: a second process on the
     same folder is refused instead of interleaving checkpoints. The lock is on the folder
     itself, which tidying cannot delete; its .lock file only names the process holding it."""
+    import fcntl  # here: POSIX only, and loading weights through torch.hub needs none of it
     if os.path.exists(logdir) and not os.path.isdir(logdir):
         raise RunError(f"--logdir {logdir}: is a file, expected a folder")
     folder = os.path.join(logdir, name)
@@ -179,6 +179,7 @@ def lock_holder(folder):
 
 def locked_by_another(folder):
     """Whether a process holds `folder`'s run lock (run_folder); takes none and creates nothing."""
+    import fcntl
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
