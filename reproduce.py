@@ -254,8 +254,12 @@ def another_configuration(planned):
     if not changed:
         return None
     diff = ", ".join(f"{k}: run has {held[k]}, command has {planned_config[k]}" for k in changed)
-    hint = (f"; to go on with it, pass -- --bn-batch {held['bn_batch']}"
-            if changed == ["bn_batch"] else "")
+    hint = ""
+    if changed == ["bn_batch"]:  # a run of the BN-128 default of before, most likely
+        flags = ["--bn-batch", str(held["bn_batch"])]
+        renamed = os.path.join(os.path.dirname(planned.folder),
+                               run.parse_args(planned.commands[0] + flags).name)
+        hint = f"; to go on with it, rename it {renamed} and pass -- {' '.join(flags)}"
     return (f"{planned.folder} holds a run of another configuration ({diff}){hint}; move it "
             "away or choose another --logdir")
 

@@ -387,8 +387,14 @@ def test_a_finished_run_of_another_configuration_is_refused_not_counted_done(
         assert code == 1 and out == ""
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
         assert planned.folder in err and "bn_batch: run has 128, command has 64" in err
-        assert "-- --bn-batch 128" in err
+        renamed = str(tmp_path / "resnet20-iters100-bn128")
+        assert f"rename it {renamed} and pass -- --bn-batch 128" in err
         assert not os.path.exists(planned.log)  # nothing ran
+        # as the hint says: the old run is then the entry's, and done
+        os.rename(planned.folder, renamed)
+        code, out, err = call(["--only", "resnet20", "--iters", "100", "--logdir", str(tmp_path),
+                               "--out", str(tmp_path / "out"), "--", "--bn-batch", "128"])
+        assert "resnet20-iters100-bn128  done" in out, out + err
     else:
         assert "done" in out and "holds a run of another configuration" not in err
 
