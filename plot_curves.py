@@ -325,16 +325,19 @@ def group(runs):
         g[0].config["plain"], g[0].depth, label(g[0].config)))
 
 
-def label(config, *extra, depth=True, with_schedule=True, with_bn=False):
+def label(config, *extra, depth=True, with_schedule=True, differ=()):
     """e.g. 'ResNet-56', 'ResNet-56 (option B, bf16)': the net and how its configuration departs
-    from the paper's CIFAR recipe (the schedule too, unless `with_schedule` is False), its batch
-    norm's batch with `with_bn`, then any `extra` notes."""
+    from the paper's CIFAR recipe (the schedule too, unless `with_schedule` is False), then any
+    `extra` notes. Where runs differ in precision or batch norm's batch (`differ`, from
+    `differing`), each label says its own: float32 too, and the BN batch."""
     notes = []
     if not config["plain"] and config["shortcut"] != "A":
         notes.append(f"option {config['shortcut']}")
     if config["amp"] != "none":
         notes.append(config["amp"])
-    if with_bn:
+    elif "amp" in differ:
+        notes.append("float32")
+    if "bn_batch" in differ:
         notes.append(f"BN {config['bn_batch']}")
     notes += [f"{k} {config[k]}" for k, v in RECIPE.items() if config[k] != v]
     if with_schedule and schedule_key(config) != PAPER_SCHEDULE:
@@ -345,10 +348,10 @@ def label(config, *extra, depth=True, with_schedule=True, with_bn=False):
     return f"{name} ({', '.join(notes)})" if notes else name
 
 
-def bn_batches_differ(runs):
-    """Whether the runs normalised over batches of different sizes (run.py --bn-batch): only
-    then do the labels say each one's."""
-    return len({run.config["bn_batch"] for run in runs}) > 1
+def differing(runs):
+    """The settings among precision (amp) and batch norm's batch (run.py --bn-batch) in which
+    the runs differ: only then do the labels say each one's."""
+    return {key for key in ("amp", "bn_batch") if len({run.config[key] for run in runs}) > 1}
 
 
 def schedule_key(config):
@@ -385,7 +388,7 @@ def comparable_with_paper(config):
 
 def table6(runs):
     """Table 6 as markdown: one row per configuration's finished seeds, one per unfinished run."""
-    rows, with_bn = [], bn_batches_differ(runs)
+    rows, differ = [], differing(runs)
     for runs_of_config in group(runs):
         config = runs_of_config[0].config
         depth, params = depth_of(config["n"]), f"{config['params'] / 1e6:.2f}M"
@@ -400,14 +403,14 @@ def table6(runs):
                 diff = f"{ours[0] - paper[0]:+.2f}"
                 if ours[1] and paper[1]:
                     diff += f" ({ours[1][0] - paper[1][0]:+.2f})"
-            rows.append([label(config, depth=False, with_bn=with_bn), depth, params, format_error(*ours),
+            rows.append([label(config, depth=False, differ=differ), depth, params, format_error(*ours),
                          paper_cell, diff, len(errors), f"{config['iters']:,}"])
         for run in runs_of_config:
             if not run.finished:
                 error, step = run.test_error()
                 unfinished = f"unfinished: {run.iterations:,} / {config['iters']:,} iters"
                 ours = "-" if error is None else f"{error:.2f} (last eval, iter {step:,})"
-                rows.append([label(config, unfinished, depth=False, with_bn=with_bn), depth, params, ours,
+                rows.append([label(config, unfinished, depth=False, differ=differ), depth, params, ours,
                              paper_cell, "-", 1, f"{run.iterations:,}"])
     header = ["method", "depth", "# params", "test error (%)", "paper (%)", "difference",
               "runs", "iterations"]
@@ -468,7 +471,7 @@ def figure6(runs, ylim=None):
                     f"\n{schedule(dict(iters=iters, milestones=milestones))}"
             draw_curves(ax, heading, panels[title], row_ylim, iters,
                         with_schedule=len(rows) == 1, paper_marks=paper_row,
-                        with_bn=bn_batches_differ(runs))
+                        differ=differing(runs))
             if paper_row:
                 note_missing_nets(ax, PANELS[title], panels[title],
                                   drawn_runs[0].config if drawn_runs else None)
@@ -521,13 +524,13 @@ def error_axis_top(runs, lowest):
     return max(lowest, 10 * math.ceil((highest + 2) / 10))
 
 
-def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks, with_bn=False):
+def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks, differ=()):
     """One panel of Figure 6: each run's test error (bold) and training error (dashed), and
     with `paper_marks` the paper's final test error as a bar on the right edge."""
     for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
         legend = label(run.config, f"median of {count}" if count > 1 else "",
                        "" if run.finished else f"unfinished: {run.iterations:,} iters",
-                       with_schedule=with_schedule, with_bn=with_bn)
+                       with_schedule=with_schedule, differ=differ)
         for tag, style in ((TEST_ERROR, dict(lw=2.2)), (TRAIN_ERROR, dict(lw=1, ls="--"))):
             if tag in run.scalars:  # the legend entry goes on the bold line when there is one
                 steps, values = run.scalars[tag]
@@ -599,7 +602,7 @@ def figure7(runs):
         config = drawn[0][0].config
         for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
             legend = label(run.config, f"median of {count}" if count > 1 else "",
-                           with_schedule=len(columns) == 1, with_bn=bn_batches_differ(runs))
+                           with_schedule=len(columns) == 1, differ=differing(runs))
             responses = run.test["layer_responses"]
             style = dict(color=colour, lw=1.6, ls="--" if run.config["plain"] else "-",
                          label=legend)

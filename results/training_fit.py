@@ -58,7 +58,7 @@ def final_test_error(run):
     return f"{error:.2f}" if run.finished else f"{error:.2f} (iter {step:,}, unfinished)"
 
 
-def row(run, until):
+def row(run, until, differ):
     config, cells, start, every = run.config, [], 0, window_length(run)
     for lr, end in phases(config):
         loss, last = phase_means(run.scalars, "train/loss", lr, start, end, until)
@@ -70,7 +70,7 @@ def row(run, until):
             cells.append(f"{loss:.3f} / {error:.2f}{reached}")
         start = end
     name = os.path.basename(os.path.normpath(run.folder))
-    return [name, plot_curves.label(config, with_bn=True), config["seed"], *cells,
+    return [name, plot_curves.label(config, differ=differ), config["seed"], *cells,
             final_test_error(run)]
 
 
@@ -78,7 +78,8 @@ def table(runs, until):
     lrs = [lr for lr, _ in phases(runs[0].config)]
     header = ["run", "method", "seed", *[f"lr {lr:g}: loss / error (%)" for lr in lrs],
               "test error (%)"]
-    rows = [row(run, until) for run in runs]
+    differ = plot_curves.differing(runs) | {"bn_batch"}  # the BN batch always: it matters here
+    rows = [row(run, until, differ) for run in runs]
     return "\n".join("| " + " | ".join(map(str, r)) + " |"
                      for r in [header, ["---"] * len(header)] + rows)
 

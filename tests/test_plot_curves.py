@@ -197,10 +197,11 @@ def test_paper_figure_only_beside_runs_of_its_recipe_and_whole_schedule(tmp_path
         config = json.load(f)
     write_json(os.path.join(folder, "config.json"), dict(config, lr=0.2))
     table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
-    assert row(table, "ResNet (6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == ["13.00", "-", "-"]
+    assert row(table, "ResNet (float32, 6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == \
+        ["13.00", "-", "-"]
     assert row(table, "ResNet (bf16, 6,400 iters, lr/10 at 3,200/4,800)", 20)[3:6] == \
         ["13.20", "-", "-"]
-    assert row(table, "ResNet (lr 0.2)", 20)[3:6] == ["8.50", "-", "-"]
+    assert row(table, "ResNet (float32, lr 0.2)", 20)[3:6] == ["8.50", "-", "-"]
 
 
 def test_cifar100_runs_are_their_own_rows_without_the_papers_figure(tmp_path):
@@ -218,10 +219,24 @@ def test_plain_option_b_and_bf16_runs_are_separate_rows(tmp_path):
     make_run(str(tmp_path), "resnet56-bf16", n=9, amp="bf16", final=7.2, events=False)
     make_run(str(tmp_path), "plain56", n=9, plain=True, shortcut="B", final=12.0, events=False)
     table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
-    assert row(table, "ResNet", 56)[3:6] == ["7.00", "6.97", "+0.03"]
-    assert row(table, "ResNet (option B)", 56)[3:6] == ["6.80", "-", "-"]
+    # float32 is named where some rows are bf16
+    assert row(table, "ResNet (float32)", 56)[3:6] == ["7.00", "6.97", "+0.03"]
+    assert row(table, "ResNet (option B, float32)", 56)[3:6] == ["6.80", "-", "-"]
     assert row(table, "ResNet (bf16)", 56)[3:6] == ["7.20", "6.97", "+0.23"]
-    assert row(table, "plain", 56)[3:6] == ["12.00", "-", "-"]  # plain's shortcut is moot
+    assert row(table, "plain (float32)", 56)[3:6] == ["12.00", "-", "-"]  # shortcut is moot
+
+
+def test_float32_is_named_only_where_some_runs_are_bf16(tmp_path):
+    make_run(str(tmp_path), "resnet56", n=9, final=7.0)
+    make_run(str(tmp_path), "plain56", n=9, plain=True, final=12.0, events=False)
+    table = plot_curves.table6(plot_curves.find_runs(str(tmp_path)))
+    assert row(table, "ResNet", 56)[3] == "7.00" and row(table, "plain", 56)[3] == "12.00"
+    make_run(str(tmp_path), "resnet56-bf16", n=9, amp="bf16", final=7.2)
+    runs = plot_curves.find_runs(str(tmp_path))
+    assert row(plot_curves.table6(runs), "ResNet (float32)", 56)[3] == "7.00"
+    legends = [text.get_text() for ax in plot_curves.figure6(runs).axes
+               if ax.get_legend() for text in ax.get_legend().get_texts()]
+    assert "ResNet-56 (float32)" in legends and "ResNet-56 (bf16)" in legends
 
 
 # ---------------------------------------------------------------- figures
