@@ -249,19 +249,17 @@ def another_configuration(planned):
     if held is None or planned.config is None:
         return None  # absent; or unreadable, and run.py refuses to resume such a folder
     planned_config = json.loads(json.dumps(planned.config))  # milestones as a list, as held
-    held = with_added_defaults(held)
-    changed = [k for k in EXPERIMENT_KEYS if held[k] != planned_config[k]]
+    changed = run.changed_settings(with_added_defaults(held), planned_config)
     if not changed:
         return None
-    diff = ", ".join(f"{k}: run has {held[k]}, command has {planned_config[k]}" for k in changed)
     hint = ""
-    if changed == ["bn_batch"]:  # a run of the BN-128 default of before, most likely
-        flags = ["--bn-batch", str(held["bn_batch"])]
+    if list(changed) == ["bn_batch"]:  # a run of the BN-128 default of before, most likely
+        flags = ["--bn-batch", str(changed["bn_batch"][0])]
         renamed = os.path.join(os.path.dirname(planned.folder),
                                run.parse_args(planned.commands[0] + flags).name)
         hint = f"; to go on with it, rename it {renamed} and pass -- {' '.join(flags)}"
-    return (f"{planned.folder} holds a run of another configuration ({diff}){hint}; move it "
-            "away or choose another --logdir")
+    return (f"{planned.folder} holds a run of another configuration "
+            f"({run.describe_changes(changed)}){hint}; move it away or choose another --logdir")
 
 
 # ---------------------------------------------------------------- running them

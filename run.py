@@ -483,17 +483,25 @@ def resumable_checkpoint(folder, config):
     if not os.path.exists(checkpoint_path):
         return None
     state = load_checkpoint(checkpoint_path, CHECKPOINT_KEYS)
-    changed = {k: (state["config"].get(k), v) for k, v in config.items()
-               if state["config"].get(k) != v}
+    changed = changed_settings(state["config"], config)
     if changed:
-        diff = ", ".join(f"{k}: run has {old}, command has {new}"
-                         for k, (old, new) in changed.items())
+        diff = describe_changes(changed)
         hint = (f"; to resume it, add --bn-batch {changed['bn_batch'][0]} --name "
                 f"{os.path.basename(folder)}" if "bn_batch" in changed else "")
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}){hint}; "
                        "use another --name, or --fresh to start over")
     read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     return state
+
+
+def changed_settings(held, config):
+    """{setting: (the run's value, the command's)} for each of `config` that the run's `held`
+    configuration has otherwise."""
+    return {k: (held.get(k), v) for k, v in config.items() if held.get(k) != v}
+
+
+def describe_changes(changed):
+    return ", ".join(f"{k}: run has {old}, command has {new}" for k, (old, new) in changed.items())
 
 
 def read_run_info(folder):

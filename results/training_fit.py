@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import plot_curves  # noqa: E402
-from experiment import LR  # noqa: E402
+from experiment import LR, TRAIN_ERROR, TRAIN_LOSS  # noqa: E402
 
 
 def phases(config):
@@ -29,11 +29,10 @@ def phases(config):
     return [(config["lr"] / 10 ** k, end) for k, end in enumerate(ends)]
 
 
-def phase_means(scalars, tag, lr, start, end, until):
+def phase_means(scalars, tag, lr, start, end, until, logged_lr):
     """Mean of `tag` over the windows ending in (start, min(end, until)] that were trained at
-    the phase's `lr` (where the run logged its lr), and the last of them."""
+    the phase's `lr` (where `logged_lr`, step -> lr, has it), and the last of them."""
     steps, values = scalars.get(tag, ([], []))
-    logged_lr = dict(zip(*scalars.get(LR, ([], []))))
     kept = [(s, v) for s, v in zip(steps, values) if start < s <= min(end, until)
             and math.isclose(logged_lr.get(s, lr), lr, rel_tol=1e-6)]
     if not kept:
@@ -46,7 +45,7 @@ def window_length(run):
     every = run.config.get("log_every")
     if plot_curves.is_int(every, 1):
         return every
-    steps = run.scalars.get("train/loss", ([], []))[0]
+    steps = run.scalars.get(TRAIN_LOSS, ([], []))[0]
     return min((b - a for a, b in zip(steps, steps[1:])), default=1)
 
 
@@ -60,9 +59,10 @@ def final_test_error(run):
 
 def row(run, until, differ):
     config, cells, start, every = run.config, [], 0, window_length(run)
+    logged_lr = dict(zip(*run.scalars.get(LR, ([], []))))
     for lr, end in phases(config):
-        loss, last = phase_means(run.scalars, "train/loss", lr, start, end, until)
-        error, _ = phase_means(run.scalars, "train/error", lr, start, end, until)
+        loss, last = phase_means(run.scalars, TRAIN_LOSS, lr, start, end, until, logged_lr)
+        error, _ = phase_means(run.scalars, TRAIN_ERROR, lr, start, end, until, logged_lr)
         if loss is None or error is None:
             cells.append("-")
         else:
