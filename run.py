@@ -850,23 +850,25 @@ class TrainingRun:
                   + (f"  {duration(left)} left" if left else ""), flush=True)
             self.progress_printed_at = now
 
-    def evaluate_and_log(self):
-        """Test (and validation) error and loss, logged; the model in eval mode."""
+    def evaluate(self):
+        """Test (and validation) error and loss; the model in eval mode."""
         with self.clock.paused():
             if self.world.size > 1:  # rank 0's BN statistics, as saved, for every shard
                 for buffer in self.model.buffers():
                     dist.broadcast(buffer, src=0)
             splits = {"test": self.data.test, "val": self.data.val}
-            results = {name: evaluate(self.model, *split, self.data.per_pixel_mean,
-                                      self.config["amp"])
-                       for name, split in splits.items() if len(split[0])}
-            for name, result in results.items():
-                self.log(f"{name}/error", result["error"])
-                self.log(f"{name}/loss", result["loss"])
-        return results
+            return {name: evaluate(self.model, *split, self.data.per_pixel_mean,
+                                   self.config["amp"])
+                    for name, split in splits.items() if len(split[0])}
+
+    def log_evaluation(self, results):
+        for name, result in results.items():
+            self.log(f"{name}/error", result["error"])
+            self.log(f"{name}/loss", result["loss"])
 
     def report_evaluation(self):
-        results = self.evaluate_and_log()
+        results = self.evaluate()
+        self.log_evaluation(results)
         self.say(f"iter {self.iteration}: test error {results['test']['error']:.2f}%"
                  + (f", val error {results['val']['error']:.2f}%" if "val" in results else "")
                  + f", epoch {self.order.epoch_of(self.iteration):.1f}")
@@ -913,10 +915,12 @@ class TrainingRun:
     def finish(self):
         """The final evaluation (never a best one picked on the test set), then result.json and
         model.pt, the final weights to share. A signal during the evaluation stops the run
-        before them (the rerun evaluates again); one during the writes lets them complete."""
-        results = self.evaluate_and_log()
+        before them and logs nothing (the rerun evaluates and logs it once); one during the writes
+        lets them complete."""
+        results = self.evaluate()
         if self.signals:
             return self.stopped()
+        self.log_evaluation(results)
         if self.lead:
             self.write_results(results)
         if self.signals:

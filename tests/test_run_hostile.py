@@ -728,6 +728,11 @@ def test_sigterm_during_the_final_evaluation_stops_cleanly_and_the_rerun_complet
     curves = plot_curves.load_scalars(str(folder))
     assert curves["train/error"][0] == list(range(4, ITERS + 1, 4))
     assert curves["test/error"][0] == [ITERS]
+    # Once in the event files themselves, not only after plot_curves' merge: TensorBoard
+    # would show the stopped process's point as well.
+    logged = [step for path in folder.glob("*tfevents*")
+              for tag, step, _ in plot_curves.read_event_file(str(path))[3] if tag == "test/error"]
+    assert logged == [ITERS]
 
 
 @pytest.mark.slow
