@@ -634,6 +634,11 @@ class TrainingClock:
         finally:
             self.since = time.perf_counter()
 
+    def start(self):
+        """Counting from now: setting the run up (data to the device, the event file) is not
+        training."""
+        self.since = time.perf_counter()
+
     def lap(self):
         """Training seconds since the previous lap."""
         now = time.perf_counter()
@@ -739,6 +744,7 @@ class TrainingRun:
         except RunError:
             self.__exit__(RunError, None, None)
             raise
+        self.clock.start()
         return self
 
     def __exit__(self, exc_type, *exc):

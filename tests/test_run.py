@@ -474,16 +474,23 @@ def test_warmup_on_trains_at_001_while_the_error_stays_above_80_percent(syntheti
 @pytest.mark.slow
 def test_the_speed_of_a_window_spanning_a_resume_counts_only_its_own_seconds(synthetic_cifar,
                                                                             tmp_path):
-    now = [0.0]  # a clock on which every training step takes one second, nothing else any time
-    real_step = run.train_step
+    # A clock on which every training step takes one second, and setting a run up (a start or
+    # a resume) 100: a window's speed and the run's training seconds count only the steps.
+    now = [0.0]
+    real_step, real_run_info = run.train_step, run.write_run_info
 
     def one_second_step(*args, **kwargs):
         now[0] += 1.0
         return real_step(*args, **kwargs)
 
+    def slow_setup(*args, **kwargs):
+        now[0] += 100.0
+        return real_run_info(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(time, "perf_counter", lambda: now[0])
         patch.setattr(run, "train_step", one_second_step)
+        patch.setattr(run, "write_run_info", slow_setup)
         with sigterm_after(6):  # mid-window: windows end at 4, 8, 12
             assert train(synthetic_cifar, tmp_path) == 128 + signal.SIGTERM
         assert train(synthetic_cifar, tmp_path) == 0
@@ -491,6 +498,8 @@ def test_the_speed_of_a_window_spanning_a_resume_counts_only_its_own_seconds(syn
     events = EventAccumulator(str(tmp_path / "resnet8-iters12")).Reload()
     speeds = {e.step: e.value for e in events.Scalars("speed/images_per_second")}
     assert speeds == {4: 128.0, 8: 128.0, 12: 128.0}  # 128 images a second, resume or not
+    assert json.loads((tmp_path / "resnet8-iters12" / "result.json").read_text())[
+        "train_seconds"] == 12.0
 
 
 @pytest.mark.slow
