@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -275,6 +275,13 @@ def settle_finished(planned):
     planned.state = "waiting" if planned.todo else "done"
 
 
+def placed(settled, commands):
+    """A settled run with the commands it is to run with (its --threads); what it has done is
+    still skipped (its commands left to run are always the last ones)."""
+    skipped = len(settled.commands) - len(settled.todo)
+    return replace(settled, commands=commands, todo=commands[skipped:])
+
+
 def die_with_parent():
     """In the child: get SIGTERM if reproduce.py dies (even by SIGKILL), so that the run
     checkpoints and stops instead of training on, orphaned, with its folder locked."""
@@ -448,12 +455,11 @@ def exit_status(runs, received):
 
 def main(argv=None):
     options, extra = parse_args(argv)
-    count = options.seeds * len(selected_nets(options))
-    threads, gpus = placement(options.jobs, count, extra)
-    runs = plan(options, extra, threads)
+    runs = plan(options, extra)
     check_folders(runs)
-    if options.print:
-        for planned in runs:
+    if options.print:  # for another scheduler: every run, the cores split among all of them
+        threads, _ = placement(options.jobs, len(runs), extra)
+        for planned in plan(options, extra, threads):
             print(" && ".join(shell_line(command) for command in planned.commands))
         return 0
     for planned in runs:
@@ -463,6 +469,10 @@ def main(argv=None):
             return 1
     for planned in runs:
         settle_finished(planned)
+    # The cores go to the runs left to do; a finished run takes none.
+    threads, gpus = placement(options.jobs, sum(p.state != "done" for p in runs), extra)
+    runs = [placed(settled, planned.commands)
+            for settled, planned in zip(runs, plan(options, extra, threads))]
     received = run_all(runs, options.jobs, gpus, Overview(sys.stdout))
     plot_code = 0
     if not received:  # Table 6 and the figures, from whatever has finished

@@ -229,6 +229,33 @@ def test_jobs_split_the_cpu_cores(monkeypatch):
     assert reproduce.placement(jobs=4, runs_count=10, extra=["--threads", "3"]) == (None, [])
 
 
+def test_the_cores_go_to_the_runs_left_to_do(tmp_path, monkeypatch):
+    # Two jobs, two runs, one of them finished: the one left gets all eight cores (run.py's
+    # default, no --threads), not four; the finished one is not started.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    options = ["--only", "resnet20", "plain20", "--iters", "100", "--jobs", "2",
+               "--logdir", str(tmp_path), "--out", str(tmp_path / "out")]
+    finished, left = reproduce.plan(*reproduce.parse_args(options))
+    os.makedirs(finished.folder)
+    for name, content in {"config.json": finished.config, "result.json": {"test_error": 9.0},
+                          "test.json": dict(iteration=100, final_weights=True)}.items():
+        with open(os.path.join(finished.folder, name), "w") as f:
+            json.dump(content, f)
+    given = {}
+    monkeypatch.setattr(reproduce, "run_all", lambda runs, *_: given.update(
+        {r.name: (r.state, r.todo) for r in runs}))
+    monkeypatch.setattr(reproduce.plot_curves, "main", lambda argv: 0)
+    call(options)
+    assert given[finished.name] == ("done", [])
+    state, todo = given[left.name]
+    assert state == "waiting" and [command[1] for command in todo] == ["train", "test"]
+    assert all("--threads" not in command for command in todo), todo
+    # --print is for another scheduler, which runs them all: the cores split between two.
+    printed = call(options + ["--print"])[1].splitlines()
+    assert len(printed) == 2 and all("--threads 4" in line for line in printed)
+
+
 def test_jobs_take_the_gpus_in_turn(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
