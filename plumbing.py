@@ -8,8 +8,10 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import stat
 import subprocess
+import sys
 import time
 
 from experiment import EVAL_BATCH
@@ -37,6 +39,19 @@ class World:
         """This process's part of each global batch."""
         share = self.batch_share(batch_size)
         return slice(self.rank * share, (self.rank + 1) * share)
+
+
+def exit_on_signals():
+    """Until training installs its own handlers (which checkpoint before stopping): Ctrl-C or
+    SIGTERM end the command with one line and exit 128 + the signal, even while torch loads,
+    never with a traceback or the signal's silent death. Nothing is saved, and nothing is half
+    written: every file is written atomically."""
+    def stop(signum, frame):
+        print(f"interrupted by {signal.Signals(signum).name}; no training was under way, "
+              "nothing to save", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 class RunError(Exception):

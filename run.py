@@ -12,7 +12,9 @@ import sys
 
 if __name__ == "__main__":  # a mistyped flag is reported before torch loads, which takes seconds
     import cli
+    import plumbing
     cli.parse_args()
+    plumbing.exit_on_signals()
 
 import contextlib
 import dataclasses

@@ -22,6 +22,7 @@ import torch
 
 import cli
 import plot_curves
+import plumbing
 import run
 from conftest import ROOT
 from resnet import ResNet
@@ -701,6 +702,61 @@ def good_folder_of(state, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"resumes": [], "start": {"device": "cpu"}}))
     return folder
+
+
+# ---------------------------------------------------------------- signals before training starts
+
+# Run first: the first import of torch sends this process the signal (run.py is then past its
+# flags and on to loading torch, which takes seconds).
+SIGNAL_AT_TORCH_IMPORT = """
+import importlib.abc, os
+class SignalAtTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.{signal})
+sys.meta_path.insert(0, SignalAtTorch())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_loads_ends_in_one_line(signum, synthetic_cifar, tmp_path):
+    code, out, err = finish(start(synthetic_cifar, tmp_path, setup=SIGNAL_AT_TORCH_IMPORT.format(
+        signal=signal.Signals(signum).name)))
+    assert code == 128 + signum, err  # not the signal's silent death
+    [line] = err.strip().splitlines()  # not KeyboardInterrupt's traceback
+    assert line.startswith(f"interrupted by {signal.Signals(signum).name}") and out == ""
+    assert not (tmp_path / NAME).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_run_is_set_up_leaves_its_folder_to_resume(
+        stopped, reference, synthetic_cifar, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / NAME
+    shutil.copytree(stopped, folder)
+    real_build = run.build_model
+
+    def build_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the folder is open and locked, the model half built
+        return real_build(*args, **kwargs)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: pytest.fail("SIGTERM was not handled"))
+        plumbing.exit_on_signals()  # as run.py installs them when run as a command
+        monkeypatch.setattr(run, "build_model", build_then_sigterm)
+        with pytest.raises(SystemExit) as stopped_by:
+            train(synthetic_cifar, tmp_path)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert stopped_by.value.code == 128 + signal.SIGTERM
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("interrupted by SIGTERM")
+    assert iteration_in(folder) == STOP_AT and no_leftovers(folder)
+    monkeypatch.setattr(run, "build_model", real_build)
+    assert train(synthetic_cifar, tmp_path) == 0  # the folder's lock was let go
+    assert_same_state(reference, checkpoint_of(folder))
 
 
 # ---------------------------------------------------------------- signals at the end of a run
