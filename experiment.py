@@ -35,12 +35,25 @@ EXPERIMENT_KEYS = ("n", "plain", "shortcut", "iters", "milestones", "lr", "batch
                    "weight_decay", "momentum", "seed", "val_size", "warmup", "amp", "dataset",
                    "bn_batch")
 CONFIG_KEYS = tuple(k for k in EXPERIMENT_KEYS if k != "seed")
+
+
+def bn_batch_before(config):
+    """The BN batch of a run begun before --bn-batch: each process normalised over its share of
+    the batch (every published run is one process), all of them over the whole batch with
+    --sync-bn. A config.json says how many processes started the run; a checkpoint's
+    configuration does not, and reads as one process."""
+    batch, start = config.get("batch_size"), config.get("start")
+    processes = start.get("processes", 1) if isinstance(start, dict) else 1
+    if config.get("sync_bn") is True or not (type(batch) is int and type(processes) is int
+                                            and processes >= 1 and batch % processes == 0):
+        return batch
+    return batch // processes
+
+
 # Experiment settings added since the first checkpoints, with the value every run had before (a
 # function of its configuration): a checkpoint or config.json without one reads as that value
-# (and keeps its digest), so that older runs still resume and their weights still test. Before
-# --bn-batch, one process normalised over its whole batch (every published run is one process).
-ADDED_KEYS = {"dataset": lambda config: "cifar10",
-              "bn_batch": lambda config: config.get("batch_size")}
+# (and keeps its digest), so that older runs still resume and their weights still test.
+ADDED_KEYS = {"dataset": lambda config: "cifar10", "bn_batch": bn_batch_before}
 
 
 def with_added_defaults(config):

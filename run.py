@@ -485,14 +485,17 @@ def resumable_checkpoint(folder, config):
     if not os.path.exists(checkpoint_path):
         return None
     state = load_checkpoint(checkpoint_path, CHECKPOINT_KEYS)
-    changed = changed_settings(state["config"], config)
+    info = read_run_info(folder)  # the resume appends to it: refuse now if it cannot
+    held = state["config"]
+    if info is not None and "bn_batch" not in info:  # begun before --bn-batch: config.json
+        held = {**held, "bn_batch": with_added_defaults(info)["bn_batch"]}  # knows its processes
+    changed = changed_settings(held, config)
     if changed:
         diff = describe_changes(changed)
         hint = (f"; to resume it, add --bn-batch {changed['bn_batch'][0]} --name "
                 f"{os.path.basename(folder)}" if "bn_batch" in changed else "")
         raise RunError(f"{checkpoint_path}: belongs to another configuration ({diff}){hint}; "
                        "use another --name, or --fresh to start over")
-    read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     return state
 
 
@@ -1034,10 +1037,9 @@ def weights_to_test(args, device):
         raise RunError(f"{path}: holds {describe(config)}, but the command asks for "
                        f"{describe(asked)}; pass the matching N/--plain/--shortcut/--dataset")
     folder_config = read_json_or_none(os.path.join(os.path.dirname(path), "config.json"))
-    if folder_config is not None and set(EXPERIMENT_KEYS) <= folder_config.keys():
-        folder_config = with_added_defaults(folder_config)
+    if isinstance(folder_config, dict):  # the settings it names (older ones name fewer)
         differ = [f"{k} {config[k]} (config.json: {folder_config[k]})" for k in EXPERIMENT_KEYS
-                  if config[k] != folder_config[k]]
+                  if k in folder_config and config[k] != folder_config[k]]
         if differ:
             raise RunError(f"{path}: not the run of its folder's config.json: "
                            f"{', '.join(differ)}; {TEST_REMEDY}")

@@ -360,6 +360,50 @@ def test_a_run_of_the_old_default_is_refused_with_the_flags_that_resume_it(synth
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet8-iters8"]
 
 
+@pytest.mark.parametrize("config, bn_batch", [
+    ({"batch_size": 128}, 128),  # a checkpoint's: one process
+    ({"batch_size": 128, "start": {"processes": 2}}, 64),
+    ({"batch_size": 128, "start": {"processes": 2}, "sync_bn": True}, 128),
+    ({"batch_size": 96, "start": {"processes": 4}}, 24),
+    # a config.json damaged or foreign in these fields: the batch, as one process
+    ({"batch_size": 128, "start": {"processes": 3}}, 128),
+    ({"batch_size": 128, "start": {"processes": "2"}}, 128),
+    ({"batch_size": 128, "start": {"processes": 0}}, 128),
+    ({"batch_size": 128, "start": [2]}, 128),
+    ({"batch_size": "128", "start": {"processes": 2}}, "128"),
+])
+def test_the_bn_batch_of_a_run_begun_before_bn_batch_was_recorded(config, bn_batch):
+    assert run.with_added_defaults(config)["bn_batch"] == bn_batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_run_begun_before_bn_batch_reads_as_bn_over_each_processs_share(processes,
+                                                                         synthetic_cifar,
+                                                                         tmp_path, capsys):
+    # A run begun before --bn-batch: its checkpoint and config.json name no BN batch; each of
+    # its processes normalised over its own share of the batch, the whole 128 in one process,
+    # 64 under torchrun with two (config.json's start says how many).
+    assert train(synthetic_cifar, tmp_path, "--iters", "8", "--bn-batch", "128",
+                 "--name", "resnet8-iters8") == 0
+    folder = tmp_path / "resnet8-iters8"
+    state = run.load_checkpoint(str(folder / "checkpoint.pt"), run.CHECKPOINT_KEYS)
+    info = json.loads((folder / "config.json").read_text())
+    for config in (state["config"], info):
+        del config["bn_batch"], config["dataset"]
+    info["start"]["processes"] = processes
+    run.save_checkpoint(str(folder / "checkpoint.pt"), state)
+    (folder / "config.json").write_text(json.dumps(info))
+    assert plot_curves.read_config(str(folder))["bn_batch"] == 128 // processes  # Table 6's label
+    capsys.readouterr()
+    code = train(synthetic_cifar, tmp_path, "--iters", "8")  # BN over each 64 images
+    out, err = capsys.readouterr()
+    if processes == 1:
+        assert code == 1 and "add --bn-batch 128 --name resnet8-iters8" in err
+    else:
+        assert code == 0 and "finished" in out, err
+
+
 @pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(synthetic_cifar, tmp_path, capsys):
     assert train(synthetic_cifar, tmp_path, "--iters", "4") == 0

@@ -143,11 +143,17 @@ def test_testing_published_weights_leaves_their_folder_as_it_is(logdir, syntheti
         assert json.load(f)["seed"] == 0
 
 
-def test_test_refuses_another_runs_checkpoint_in_a_run_folder(logdir, synthetic_cifar, tmp_path,
-                                                             capsys):
+@pytest.mark.parametrize("older", [False, True])
+def test_test_refuses_another_runs_checkpoint_in_a_run_folder(older, logdir, synthetic_cifar,
+                                                             tmp_path, capsys):
     folder = tmp_path / "resnet8-iters12"  # seed 0's folder, holding a seed-1 checkpoint
     shutil.copytree(logdir / "resnet8-iters12", folder)
     (folder / "test.json").unlink(missing_ok=True)  # an earlier test may have tested this run
+    if older:  # a config.json written before --dataset and --bn-batch, as the published runs'
+        info = json.loads((folder / "config.json").read_text())
+        for key in ("dataset", "bn_batch"):
+            del info[key]
+        (folder / "config.json").write_text(json.dumps(info))
     state = run.load_checkpoint(str(folder / "checkpoint.pt"), run.CHECKPOINT_KEYS)
     state["config"]["seed"] = 1
     run.save_checkpoint(str(folder / "checkpoint.pt"), state)
