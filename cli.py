@@ -131,7 +131,8 @@ def build_parser():
                      help="deterministic GPU kernels, so that a seeded GPU run and its resume are "
                           "bit-reproducible (CPU runs always are)")
     ops.add_argument("--sync-bn", action="store_true",
-                     help="under torchrun: BN statistics over the global batch, not per process")
+                     help="BN statistics over the whole global batch (folder -bn<batch>), not "
+                          "over each --bn-batch images; under torchrun, across the processes")
     ops.add_argument("--dist-timeout", type=number_type(int, 1, highest=MAX_DIST_TIMEOUT),
                      default=600,
                      help="under torchrun: seconds a process waits for the others before failing")

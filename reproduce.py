@@ -91,8 +91,8 @@ def build_parser():
         description="Train and evaluate the CIFAR-10 matrix of He et al. 2015 (Sec. 4.2) with "
                     "run.py, then make Table 6 and Figures 6 and 7. Arguments after -- are "
                     "passed to every run.py command: flags that every run shares, not N, "
-                    "--plain, --shortcut, --seed or --name, which the entries set "
-                    "(python run.py --help lists them).")
+                    "--plain, --shortcut, --seed or --name, which the entries set, nor "
+                    "--out, --checkpoint or --help (python run.py --help lists them).")
     p.add_argument("--only", nargs="+", choices=list(MATRIX), metavar="NAME",
                    help="these nets only, from: " + " ".join(MATRIX))
     p.add_argument("--seeds", type=whole_number_up_to(MAX_SEEDS), default=1,
