@@ -526,7 +526,9 @@ def error_axis_top(runs, lowest):
 
 def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks, differ=()):
     """One panel of Figure 6: each run's test error (bold) and training error (dashed), and
-    with `paper_marks` the paper's final test error as a bar on the right edge."""
+    with `paper_marks` the paper's final test error as a bar on the right edge, once per depth
+    (in the colour of the first run of that depth)."""
+    marked = set()  # depths whose paper bar is drawn
     for (run, count), colour in zip(drawn, colours([r.config for r, _ in drawn])):
         legend = label(run.config, f"median of {count}" if count > 1 else "",
                        "" if run.finished else f"unfinished: {run.iterations:,} iters",
@@ -536,8 +538,10 @@ def draw_curves(ax, title, drawn, ylim, iters, with_schedule, paper_marks, diffe
                 steps, values = run.scalars[tag]
                 ax.plot([s / 1e4 for s in steps], values, color=colour, label=legend, **style)
                 legend = None
-        if paper_marks and comparable_with_paper(run.config) and run.depth in PAPER_ERROR:
+        if paper_marks and comparable_with_paper(run.config) and run.depth in PAPER_ERROR \
+                and run.depth not in marked:
             # a short bar just right of the panel: the paper's errors lie a few tenths apart
+            marked.add(run.depth)
             ax.hlines(PAPER_ERROR[run.depth][0], 1.0, 1.03, transform=ax.get_yaxis_transform(),
                       colors=colour, linewidths=2.5, clip_on=False)
     ax.set(title=title, xlabel="iter. (1e4)", ylabel="error (%)", xlim=(0, iters / 1e4),

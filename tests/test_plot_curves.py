@@ -323,6 +323,16 @@ def test_figure6_marks_the_papers_final_error_beside_its_recipes_resnets(tmp_pat
     assert tuple(marks.get_color()[0]) == to_rgba(resnets.lines[0].get_color())
 
 
+def test_figure6_marks_the_papers_error_once_per_depth_whatever_the_bn_batches(tmp_path):
+    make_run(str(tmp_path), "resnet56", n=9, final=7.5, bn_batch=64)
+    make_run(str(tmp_path), "resnet56-bn128", n=9, final=8.0)
+    _, resnets, _ = plot_curves.figure6(plot_curves.find_runs(str(tmp_path))).axes
+    assert len(resnets.lines) == 4  # two runs, each a test and a training curve
+    (marks,) = resnets.collections
+    assert len(marks.get_segments()) == 1
+    assert tuple(marks.get_color()[0]) == to_rgba(resnets.lines[0].get_color())
+
+
 def test_figure6_chooses_the_error_axis_per_row(tmp_path):
     make_run(str(tmp_path), "resnet20", final=8.0)
     make_run(str(tmp_path), "resnet56", n=9, final=7.0, stop_at=32_000)
