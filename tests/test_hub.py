@@ -87,7 +87,7 @@ def test_pretrained_entry_holds_the_published_weights_and_mean_in_eval_mode(name
 def test_run_loads_the_weights_of_another_published_run_of_the_net():
     assert hubconf.PUBLISHED["resnet56"] == "results/runs/resnet56-bf16-bn64/model.pt"
     assert hubconf._published_runs("resnet56") == [
-        "resnet56-bf16", "resnet56-bf16-bn64", "resnet56-bf16-seed1"]
+        "resnet56-bf16", "resnet56-bf16-bn64", "resnet56-bf16-seed1", "resnet56-fp32"]
     for run in hubconf._published_runs("resnet56"):
         model = hub_load("resnet56", pretrained=True, run=run)
         published = torch.load(os.path.join(ROOT, "results", "runs", run, "model.pt"),
