@@ -37,8 +37,8 @@ import cli
 from cli import build_parser, default_bn_batch, default_milestones, default_name
 from ddp import any_process, from_rank_0, ranks_agree, sync_batchnorm
 from experiment import (EVAL_BATCH, EXPERIMENT_KEYS, LR, PAPER, RECIPE, SPEED, TRAIN_ERROR,
-                        TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, default_data_dir, depth_of,
-                        with_added_defaults, without_added_defaults)
+                        TRAIN_LOSS, WARMUP_ENDED, WARMUP_MAX_ITERS, WARMUP_WINDOW, bn_batch_before,
+                        default_data_dir, depth_of, with_added_defaults, without_added_defaults)
 from plumbing import (CHECKPOINT_MAX_BYTES, JSON_MAX_BYTES, RunError, World, atomic_write,
                       available_memory, cpu_model, git_commit, keep_freed_memory, lock_holder,
                       locked_by_another, run_folder, training_memory_bound, usable_cores,
@@ -487,8 +487,11 @@ def resumable_checkpoint(folder, config):
     state = load_checkpoint(checkpoint_path, CHECKPOINT_KEYS)
     info = read_run_info(folder)  # the resume appends to it: refuse now if it cannot
     held = state["config"]
-    if info is not None and "bn_batch" not in info:  # begun before --bn-batch: config.json
-        held = {**held, "bn_batch": with_added_defaults(info)["bn_batch"]}  # knows its processes
+    if info is not None and "bn_batch" not in info and held["bn_batch"] == held["batch_size"]:
+        # begun before --bn-batch (read as one process): config.json knows how many it had
+        held = {**held, "bn_batch": bn_batch_before(
+            {"batch_size": held["batch_size"], "start": info["start"],
+             "sync_bn": info.get("sync_bn")})}
     changed = changed_settings(held, config)
     if changed:
         diff = describe_changes(changed)
